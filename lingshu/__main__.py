@@ -1,0 +1,3 @@
+from lingshu.cli import main
+
+raise SystemExit(main())
