@@ -1,0 +1,1 @@
+"""The data layer: download, simulate, validate and preprocess, split, normalise."""

@@ -1,0 +1,248 @@
+"""Held-out splits: which cells train the models, which are the truth, which are the input.
+
+Two protocols (SPEC 2.3):
+
+- ``heldout_perturbations`` (genetic): the test perturbations are never seen in training, in
+  any context. A fraction of each context's control cells is kept out of training and handed
+  to the models as the prediction input (the real controls of the evaluation).
+- ``heldout_combinations`` (stimulation): chosen context x perturbation pairs are held out
+  while the perturbation is seen in other contexts and the context's control cells are seen
+  in training; by default those same control cells are the prediction input.
+
+The split is written as two tables: ``cells.tsv`` (one row per cell, three boolean roles) and
+``conditions.tsv`` (one row per context x perturbation with its role and cell count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from lingshu.constants import (
+    CONTEXT_COL,
+    CONTROL,
+    PERT_COL,
+    SPLIT_CONTROL_INPUT,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+)
+from lingshu.errors import InputError, input_error
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split of one dataset.
+
+    cells: indexed by obs_name; columns context, perturbation, in_train, in_test, in_control_input.
+    conditions: one row per (context, perturbation): n_cells, role in {train, test, control}.
+    """
+
+    cells: pd.DataFrame
+    conditions: pd.DataFrame
+
+    def test_conditions(self) -> pd.DataFrame:
+        """The held-out (context, perturbation) pairs with their number of truth cells."""
+        test = self.conditions[self.conditions["role"] == "test"]
+        return test[[CONTEXT_COL, PERT_COL, "n_cells"]].reset_index(drop=True)
+
+
+def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") -> Split:
+    """Split cells of a processed dataset.
+
+    obs: the processed obs with canonical ``perturbation`` and ``context`` columns.
+    spec: the dataset entry's ``split`` block (see workflow/schemas/config.schema.yaml).
+    where: named in error messages (e.g. ``config.yaml: datasets.kang.split``).
+    """
+    kind = spec["kind"]
+    rng = np.random.default_rng(seed)
+    perts = obs[PERT_COL].astype(str)
+    contexts = obs[CONTEXT_COL].astype(str)
+    is_control = (perts == CONTROL).to_numpy()
+
+    if kind == "heldout_perturbations":
+        test_mask = _heldout_perturbation_mask(perts, spec, rng, where)
+        default_frac = 0.5
+    elif kind == "heldout_combinations":
+        test_mask = _heldout_combination_mask(perts, contexts, spec, rng, where)
+        default_frac = 0.0
+    else:
+        raise input_error(where, "split.kind", f"unknown split kind {kind!r}",
+                          "use heldout_perturbations or heldout_combinations")
+
+    test_contexts = set(contexts[test_mask])
+    control_frac = float(spec.get("control_test_fraction", default_frac))
+    in_control_input = np.zeros(len(obs), dtype=bool)
+    held_controls = np.zeros(len(obs), dtype=bool)
+    for ctx in sorted(test_contexts):
+        idx = np.flatnonzero(is_control & (contexts == ctx).to_numpy())
+        if idx.size == 0:
+            raise input_error(where, "split", f"test context {ctx!r} has no control cells",
+                              "hold out conditions only in contexts that have control cells")
+        if control_frac > 0:
+            # Controls handed to models are kept out of training (SPEC 5, Papalexi protocol).
+            n_held = max(1, int(round(control_frac * idx.size)))
+            chosen = rng.choice(idx, size=n_held, replace=False)
+            held_controls[chosen] = True
+            in_control_input[chosen] = True
+        else:
+            in_control_input[idx] = True
+
+    in_test = test_mask
+    in_train = ~in_test & ~held_controls
+    cells = pd.DataFrame(
+        {
+            CONTEXT_COL: contexts.to_numpy(),
+            PERT_COL: perts.to_numpy(),
+            SPLIT_TRAIN: in_train,
+            SPLIT_TEST: in_test,
+            SPLIT_CONTROL_INPUT: in_control_input,
+        },
+        index=pd.Index(obs.index.astype(str), name="cell"),
+    )
+    conditions = _condition_table(cells)
+    check_no_leakage(cells, kind)
+    return Split(cells=cells, conditions=conditions)
+
+
+def _heldout_perturbation_mask(perts: pd.Series, spec: dict, rng, where: str) -> np.ndarray:
+    available = sorted(set(perts) - {CONTROL})
+    if spec.get("test_perturbations"):
+        test = list(dict.fromkeys(spec["test_perturbations"]))
+        unknown = [p for p in test if p not in available]
+        if unknown:
+            raise input_error(where, "split.test_perturbations",
+                              f"{unknown} not among the dataset's perturbations "
+                              f"({len(available)} present, e.g. {available[:8]})",
+                              "list perturbation labels exactly as they appear in the data")
+    elif spec.get("n_test_perturbations"):
+        n = int(spec["n_test_perturbations"])
+        if n >= len(available):
+            raise input_error(where, "split.n_test_perturbations",
+                              f"{n} requested but only {len(available)} perturbations exist",
+                              "hold out fewer perturbations so that some remain for training")
+        test = sorted(rng.choice(available, size=n, replace=False).tolist())
+    else:
+        raise input_error(where, "split", "no test perturbations given",
+                          "set split.test_perturbations (a list) or split.n_test_perturbations")
+    if len(test) >= len(available):
+        raise input_error(where, "split.test_perturbations", "every perturbation is held out",
+                          "keep at least one perturbation for training")
+    return perts.isin(test).to_numpy()
+
+
+def _heldout_combination_mask(perts: pd.Series, contexts: pd.Series, spec: dict, rng,
+                              where: str) -> np.ndarray:
+    pairs = pd.DataFrame({"c": contexts.to_numpy(), "p": perts.to_numpy()})
+    present = set(map(tuple, pairs.drop_duplicates().to_numpy()))
+    if spec.get("test_combinations"):
+        combos = [(c["context"], c["perturbation"]) for c in spec["test_combinations"]]
+        missing = [c for c in combos if c not in present]
+        if missing:
+            raise input_error(where, "split.test_combinations",
+                              f"{missing} not present in the data",
+                              "name context and perturbation labels exactly as in the data")
+    elif spec.get("n_test_combinations"):
+        candidates = sorted(c for c in present if c[1] != CONTROL)
+        n = int(spec["n_test_combinations"])
+        order = rng.permutation(len(candidates))
+        combos = []
+        for i in order:
+            # Keep each chosen perturbation seen in at least one other context.
+            trial = combos + [candidates[i]]
+            if _every_pert_still_seen(trial, present):
+                combos = trial
+            if len(combos) == n:
+                break
+        if len(combos) < n:
+            raise input_error(where, "split.n_test_combinations",
+                              f"only {len(combos)} combinations can be held out while every "
+                              "perturbation stays seen in some context",
+                              "hold out fewer combinations")
+    else:
+        raise input_error(where, "split", "no test combinations given",
+                          "set split.test_combinations (context/perturbation pairs) or "
+                          "split.n_test_combinations")
+    if any(p == CONTROL for _, p in combos):
+        raise input_error(where, "split.test_combinations", "a control condition is held out",
+                          "hold out perturbed conditions only")
+    if not _every_pert_still_seen(combos, present):
+        raise input_error(where, "split.test_combinations",
+                          "some held-out perturbation is held out in every context",
+                          "leave each perturbation seen in at least one context, or use "
+                          "kind: heldout_perturbations")
+    combo_index = pd.MultiIndex.from_tuples(combos)
+    return pd.MultiIndex.from_arrays([pairs["c"], pairs["p"]]).isin(combo_index)
+
+
+def _every_pert_still_seen(combos, present) -> bool:
+    held = set(combos)
+    for _, p in held:
+        if not any(q == p and (c, q) not in held for c, q in present):
+            return False
+    return True
+
+
+def _condition_table(cells: pd.DataFrame) -> pd.DataFrame:
+    grouped = cells.groupby([CONTEXT_COL, PERT_COL], sort=True)
+    table = grouped.agg(n_cells=(SPLIT_TRAIN, "size"), n_train=(SPLIT_TRAIN, "sum"),
+                        n_test=(SPLIT_TEST, "sum"),
+                        n_control_input=(SPLIT_CONTROL_INPUT, "sum")).reset_index()
+    role = np.where(table[PERT_COL] == CONTROL, "control",
+                    np.where(table["n_test"] > 0, "test", "train"))
+    table["role"] = role
+    table.loc[table["role"] == "test", "n_cells"] = table["n_test"]
+    return table[[CONTEXT_COL, PERT_COL, "role", "n_cells", "n_train", "n_test",
+                  "n_control_input"]]
+
+
+def check_no_leakage(cells: pd.DataFrame, kind: str) -> None:
+    """Raise if any held-out information reaches training.
+
+    - no cell is both training and truth;
+    - no held-out (context, perturbation) pair has a training cell;
+    - for held-out perturbations, no cell of a test perturbation trains, in any context;
+    - control input cells kept out of training stay out.
+    """
+    both = cells[SPLIT_TRAIN] & cells[SPLIT_TEST]
+    if both.any():
+        raise InputError(f"split leakage: {int(both.sum())} cells are both training and test")
+    test_pairs = set(map(tuple, cells.loc[cells[SPLIT_TEST], [CONTEXT_COL, PERT_COL]]
+                         .drop_duplicates().to_numpy()))
+    train_pairs = set(map(tuple, cells.loc[cells[SPLIT_TRAIN], [CONTEXT_COL, PERT_COL]]
+                          .drop_duplicates().to_numpy()))
+    if test_pairs & train_pairs:
+        raise InputError(f"split leakage: held-out conditions in training: "
+                         f"{sorted(test_pairs & train_pairs)[:5]}")
+    if kind == "heldout_perturbations":
+        test_perts = {p for _, p in test_pairs}
+        seen = set(cells.loc[cells[SPLIT_TRAIN], PERT_COL])
+        if test_perts & seen:
+            raise InputError(f"split leakage: held-out perturbations in training: "
+                             f"{sorted(test_perts & seen)[:5]}")
+    if (cells[SPLIT_TEST] & (cells[PERT_COL] == CONTROL)).any():
+        raise InputError("split error: control cells marked as test truth")
+
+
+def read_split(cells_path: str, conditions_path: str) -> Split:
+    """Read a split written by :func:`write_split`."""
+    from lingshu.io import read_table
+
+    cells = read_table(cells_path).set_index("cell")
+    for col in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT):
+        cells[col] = cells[col].astype(bool)
+    cells[CONTEXT_COL] = cells[CONTEXT_COL].astype(str)
+    cells[PERT_COL] = cells[PERT_COL].astype(str)
+    conditions = read_table(conditions_path)
+    conditions[CONTEXT_COL] = conditions[CONTEXT_COL].astype(str)
+    conditions[PERT_COL] = conditions[PERT_COL].astype(str)
+    return Split(cells=cells, conditions=conditions)
+
+
+def write_split(split: Split, cells_path: str, conditions_path: str) -> None:
+    """Write both tables atomically."""
+    from lingshu.io import write_table
+
+    write_table(split.cells.reset_index(), cells_path)
+    write_table(split.conditions, conditions_path)

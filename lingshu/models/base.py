@@ -1,0 +1,102 @@
+"""The one interface every model implements.
+
+A model never reads files or the config: it is built from its parameters, fitted on a
+:class:`TrainingData` (raw counts of the training cells plus the perturbation features), and
+asked, for one held-out condition, to predict ``n_cells`` cells given that context's real
+control cells. Predictions are returned in log1p(CP10k) space (models that generate counts
+normalise them with :func:`lingshu.data.normalize.log1p_cp10k`).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from lingshu.io import atomic_path
+
+
+@dataclass
+class TrainingData:
+    """What a model sees at fit time.
+
+    counts: (n_cells, n_genes) CSR int raw UMI counts of the training cells.
+    obs: (n_cells,) DataFrame with ``perturbation`` and ``context`` (controls are ``control``).
+    genes: (n_genes,) gene symbols in the order of the columns.
+    features: perturbation features for every perturbation the model may be asked about
+        (index = perturbation label; see :mod:`lingshu.models.features`), or None.
+    seed: the seed every random choice of the model derives from.
+    """
+
+    counts: sp.csr_matrix
+    obs: pd.DataFrame
+    genes: np.ndarray
+    features: pd.DataFrame | None
+    seed: int = 0
+
+
+@dataclass
+class ConditionInput:
+    """What a model sees to predict one held-out condition.
+
+    context / perturbation: the labels of the condition.
+    control_counts: (n_control, n_genes) CSR raw counts of that context's real control cells.
+    n_cells: how many cells to predict.
+    """
+
+    context: str
+    perturbation: str
+    control_counts: sp.csr_matrix
+    n_cells: int
+
+
+class PerturbationModel(ABC):
+    """Fit on training cells; predict held-out conditions; save and load its state.
+
+    Subclasses set ``name`` and implement ``fit``, ``predict``, ``get_state`` and
+    ``set_state``. State is a dict of numpy arrays plus a JSON-able dict, saved as ``.npz``
+    without pickles so that a model file can be loaded safely.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    @abstractmethod
+    def fit(self, data: TrainingData) -> None:
+        """Learn from the training cells."""
+
+    @abstractmethod
+    def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
+        """Return (condition.n_cells, n_genes) float32 predicted log1p(CP10k) expression."""
+
+    @abstractmethod
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Return (arrays, meta) that :meth:`set_state` restores."""
+
+    @abstractmethod
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted model atomically to ``path`` (.npz)."""
+        arrays, meta = self.get_state()
+        meta = {"model": self.name, "params": self.params, **meta}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+
+
+def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read (arrays, meta) from a file written by :meth:`PerturbationModel.save`."""
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["__meta__"]))
+        arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
+    return arrays, meta

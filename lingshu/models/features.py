@@ -1,0 +1,119 @@
+"""Perturbation features shared by every model (SPEC 1.2a).
+
+For each perturbation label, in order of preference:
+
+1. ``file``: a row of the user's feature table (config ``perturbation_features``);
+2. ``target_pca``: for genetic perturbations whose target genes are in the panel, the targets'
+   loadings on the top principal components of the training cells (log1p CP10k), summed over
+   the targets of a combination (Ahlmann-Eltze et al.'s linear-model gene embedding);
+3. ``unknown``: a zero vector; the report marks those perturbations as predicted without
+   target information.
+
+The table is computed once per dataset from training cells only, so no held-out cell shapes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+
+from lingshu.constants import CONTROL
+from lingshu.errors import input_error
+
+SOURCE_COL = "source"
+
+
+def gene_embedding(train_log, n_components: int, seed: int, max_cells: int = 5000) -> np.ndarray:
+    """Return (n_genes, n_components) gene loadings on the top PCs of the training cells.
+
+    train_log: (n_cells, n_genes) log1p(CP10k), sparse or dense. At most ``max_cells`` cells
+    (a seeded subsample) are densified, so memory stays bounded on large datasets.
+    """
+    rng = np.random.default_rng(seed)
+    n_cells = train_log.shape[0]
+    rows = np.sort(rng.choice(n_cells, size=min(max_cells, n_cells), replace=False))
+    x = train_log[rows]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed)
+    pca.fit(x)
+    loadings = pca.components_.T * np.sqrt(pca.explained_variance_)[None, :]
+    if k < n_components:  # pad so that the feature width is what the config says
+        loadings = np.pad(loadings, ((0, 0), (0, n_components - k)))
+    return loadings.astype(np.float32)
+
+
+def read_feature_file(path: str) -> pd.DataFrame:
+    """Read a user feature table: first column the perturbation label, the rest numeric."""
+    sep = "," if path.endswith(".csv") else "\t"
+    try:
+        table = pd.read_csv(path, sep=sep, index_col=0)
+    except (OSError, pd.errors.ParserError) as err:
+        raise input_error(path, "perturbation_features", f"cannot read the table ({err})",
+                          "give a TSV/CSV whose first column is the perturbation label") from err
+    non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+    if non_numeric or table.shape[1] == 0:
+        raise input_error(path, f"columns {non_numeric[:5]}", "feature columns must be numeric",
+                          "keep the label in the first column and only numbers after it")
+    if table.isna().to_numpy().any():
+        raise input_error(path, "values", "the feature table has missing values",
+                          "fill or drop the rows with missing values")
+    table.index = table.index.astype(str)
+    return table
+
+
+def perturbation_features(
+    perturbations: list[str],
+    genes: np.ndarray,
+    train_log,
+    perturbation_type: str,
+    combo_separator: str = "+",
+    n_components: int = 16,
+    feature_file: str | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Return a table indexed by perturbation: numeric columns ``f0..`` and ``source``.
+
+    perturbations: every perturbation label of the dataset (control excluded or not).
+    genes: (n_genes,) panel gene symbols, the columns of ``train_log``.
+    train_log: (n_train_cells, n_genes) log1p(CP10k) of training cells only.
+    """
+    labels = [p for p in dict.fromkeys(map(str, perturbations)) if p != CONTROL]
+    user = read_feature_file(feature_file) if feature_file else None
+    width = user.shape[1] if user is not None else n_components
+    values = np.zeros((len(labels), width), dtype=np.float32)
+    sources = np.array(["unknown"] * len(labels), dtype=object)
+
+    gene_index = {g: i for i, g in enumerate(map(str, genes))}
+    loadings = None
+    if perturbation_type == "genetic" and (user is None):
+        loadings = gene_embedding(train_log, n_components, seed)
+    for i, label in enumerate(labels):
+        if user is not None and label in user.index:
+            values[i] = user.loc[label].to_numpy(dtype=np.float32)
+            sources[i] = "file"
+            continue
+        if loadings is None:
+            continue
+        targets = [t for t in label.split(combo_separator) if t in gene_index]
+        if targets:
+            values[i] = loadings[[gene_index[t] for t in targets]].sum(axis=0)
+            sources[i] = "target_pca"
+    table = pd.DataFrame(values, index=pd.Index(labels, name="perturbation"),
+                         columns=[f"f{j}" for j in range(width)])
+    table[SOURCE_COL] = sources
+    return table
+
+
+def feature_matrix(table: pd.DataFrame | None, labels: list[str]) -> np.ndarray:
+    """Numeric features for ``labels`` in order; zeros for labels missing from ``table``."""
+    if table is None:
+        return np.zeros((len(labels), 0), dtype=np.float64)
+    numeric = table.drop(columns=[SOURCE_COL], errors="ignore")
+    out = np.zeros((len(labels), numeric.shape[1]), dtype=np.float64)
+    for i, label in enumerate(labels):
+        if label in numeric.index:
+            out[i] = numeric.loc[label].to_numpy(dtype=np.float64)
+    return out

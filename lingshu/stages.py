@@ -1,0 +1,143 @@
+"""The pipeline's stages as plain functions over files: what each Snakemake rule calls.
+
+processed.h5ad + split -> features.tsv -> model.npz -> predictions/<model>.h5ad, and
+processed.h5ad + split -> truth.h5ad. The evaluation and the report live in
+:mod:`lingshu.evaluate` and :mod:`lingshu.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL, SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
+from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.split import Split
+from lingshu.io import read_table, write_h5ad, write_table
+from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
+from lingshu.models.features import SOURCE_COL, perturbation_features
+
+log = logging.getLogger(__name__)
+
+
+def _rows(adata: ad.AnnData, split: Split, column: str) -> np.ndarray:
+    """Integer rows of ``adata`` whose cells have ``column`` True in the split."""
+    if not adata.obs_names.equals(pd.Index(split.cells.index)):
+        raise ValueError("the split does not match the processed data (cell names differ); "
+                         "re-run the split rule after preprocessing")
+    return np.flatnonzero(split.cells[column].to_numpy())
+
+
+def _counts(adata: ad.AnnData, rows: np.ndarray) -> sp.csr_matrix:
+    x = adata.X[rows]
+    return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+
+
+def compute_features(adata: ad.AnnData, split: Split, entry: dict, n_components: int,
+                     seed: int) -> pd.DataFrame:
+    """Perturbation features of every perturbation, from training cells only (SPEC 1.2a)."""
+    train = _rows(adata, split, SPLIT_TRAIN)
+    return perturbation_features(
+        perturbations=sorted(set(adata.obs[PERT_COL].astype(str))),
+        genes=adata.var_names.to_numpy(),
+        train_log=log1p_cp10k(_counts(adata, train)),
+        perturbation_type=entry.get("perturbation_type", "genetic"),
+        combo_separator=entry.get("combo_separator", "+"),
+        n_components=n_components,
+        feature_file=entry.get("perturbation_features"),
+        seed=seed,
+    )
+
+
+def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None,
+                  seed: int) -> TrainingData:
+    """The training cells' counts and labels, with the shared perturbation features."""
+    train = _rows(adata, split, SPLIT_TRAIN)
+    obs = adata.obs.iloc[train][[PERT_COL, CONTEXT_COL]].astype(str).reset_index(drop=True)
+    return TrainingData(counts=_counts(adata, train), obs=obs,
+                        genes=adata.var_names.to_numpy(), features=features, seed=seed)
+
+
+def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:
+    """The evaluation truth: held-out cells plus the test contexts' control input cells.
+
+    Returns log1p(CP10k) float32 CSR with obs ``perturbation``, ``context``,
+    ``is_real_control``; the genes are those of the processed data, in its order.
+    """
+    test = _rows(adata, split, SPLIT_TEST)
+    test_contexts = set(split.cells[CONTEXT_COL].to_numpy()[test])
+    ctrl = _rows(adata, split, SPLIT_CONTROL_INPUT)
+    ctrl = ctrl[np.isin(split.cells[CONTEXT_COL].to_numpy()[ctrl], list(test_contexts))]
+    rows = np.concatenate([test, ctrl])
+    obs = pd.DataFrame({
+        PERT_COL: adata.obs[PERT_COL].astype(str).to_numpy()[rows],
+        CONTEXT_COL: adata.obs[CONTEXT_COL].astype(str).to_numpy()[rows],
+        "is_real_control": np.r_[np.zeros(test.size, bool), np.ones(ctrl.size, bool)],
+    }, index=adata.obs_names[rows])
+    truth = ad.AnnData(X=log1p_cp10k(_counts(adata, rows)), obs=obs,
+                       var=pd.DataFrame(index=adata.var_names.copy()))
+    truth.uns["lingshu"] = {"dataset": adata.uns.get("lingshu", {}).get("dataset", ""),
+                            "space": "log1p_cp10k"}
+    return truth
+
+
+def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split,
+                       truth: ad.AnnData, seed: int, progress: bool = True) -> ad.AnnData:
+    """Predict every test condition and append the truth's real control cells.
+
+    Each condition gets as many cells as the truth holds for it; the model sees that context's
+    control input cells (raw counts). Returns an AnnData in the truth's gene order.
+    """
+    ctrl_rows = _rows(adata, split, SPLIT_CONTROL_INPUT)
+    ctrl_context = split.cells[CONTEXT_COL].to_numpy()[ctrl_rows]
+    conditions = split.test_conditions()
+    blocks, obs_rows = [], []
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for row in tqdm(conditions.itertuples(index=False), total=len(conditions),
+                    desc=f"predict {model.name}", disable=not progress):
+        ctx, pert, n = getattr(row, CONTEXT_COL), getattr(row, PERT_COL), int(row.n_cells)
+        control_counts = _counts(adata, ctrl_rows[ctrl_context == ctx])
+        x = model.predict(ConditionInput(ctx, pert, control_counts, n), rng)
+        if x.shape != (n, adata.n_vars):
+            raise ValueError(f"{model.name} returned shape {x.shape} for {ctx}/{pert}; "
+                             f"expected {(n, adata.n_vars)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{model.name} returned non-finite values for {ctx}/{pert}")
+        blocks.append(sp.csr_matrix(x.astype(np.float32)))
+        obs_rows.append(pd.DataFrame({PERT_COL: pert, CONTEXT_COL: ctx,
+                                      "is_real_control": False}, index=range(n)))
+    controls = truth[truth.obs["is_real_control"].to_numpy()]
+    pred_obs = pd.concat(obs_rows, ignore_index=True)
+    pred_obs.index = [f"pred_{i}" for i in range(len(pred_obs))]
+    ctrl_obs = controls.obs[[PERT_COL, CONTEXT_COL, "is_real_control"]].copy()
+    x = sp.vstack(blocks + [sp.csr_matrix(controls.X)], format="csr")
+    pred = ad.AnnData(X=x, obs=pd.concat([pred_obs, ctrl_obs]),
+                      var=pd.DataFrame(index=truth.var_names.copy()))
+    pred.uns["lingshu"] = {"model": model.name, "space": "log1p_cp10k",
+                           "predict_seconds": time.perf_counter() - start}
+    return pred
+
+
+def write_features_used(features: pd.DataFrame | None, conditions: pd.DataFrame,
+                        path: str) -> None:
+    """Write, for each test condition, which perturbation features the models were given."""
+    table = conditions[[CONTEXT_COL, PERT_COL]].copy()
+    if features is None:
+        table[SOURCE_COL] = "none"
+    else:
+        table[SOURCE_COL] = [features[SOURCE_COL].get(p, "unknown") for p in table[PERT_COL]]
+    write_table(table, path)
+
+
+def read_features(path: str) -> pd.DataFrame:
+    """Read the features table written by the features rule."""
+    table = read_table(path).set_index("perturbation")
+    table.index = table.index.astype(str)
+    return table

@@ -1,0 +1,143 @@
+import anndata as ad
+import numpy as np
+import pytest
+
+from lingshu.data.normalize import group_means, log1p_cp10k
+from lingshu.data.split import make_split
+from lingshu.models.registry import MODELS, build_model, load_model
+from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+
+from conftest import make_processed
+
+SPEC = {"kind": "heldout_perturbations", "test_perturbations": ["G2", "G3"]}
+ENTRY = {"perturbation_type": "genetic"}
+
+
+def _fit(name, adata, split, params=None):
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    model = build_model(name, params)
+    model.fit(training_data(adata, split, features, seed=0))
+    return model, features
+
+
+def test_log1p_cp10k_sparse_equals_dense():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(2.0, size=(20, 15))
+    counts[3] = 0  # an empty cell stays zero
+    import scipy.sparse as sp
+
+    dense = log1p_cp10k(counts)
+    sparse = log1p_cp10k(sp.csr_matrix(counts)).toarray()
+    np.testing.assert_allclose(dense, sparse, rtol=1e-6)
+    np.testing.assert_allclose(np.expm1(dense[0]).sum(), 1e4, rtol=1e-4)
+    assert not dense[3].any()
+    labels, means = group_means(sp.csr_matrix(counts), np.array(list("ab") * 10))
+    np.testing.assert_allclose(means[0], counts[::2].mean(axis=0))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prediction_format(tiny_processed, name, tmp_path):
+    split = make_split(tiny_processed.obs, SPEC, seed=0)
+    truth = build_truth(tiny_processed, split)
+    model, _ = _fit(name, tiny_processed, split)
+    model.save(tmp_path / "m.npz")
+    model = load_model(str(tmp_path / "m.npz"))
+    pred = predict_conditions(model, tiny_processed, split, truth, seed=0, progress=False)
+    # same genes in the same order, the same conditions and cell counts, real controls included
+    assert list(pred.var_names) == list(truth.var_names)
+    key = ["context", "perturbation"]
+    assert (pred.obs.groupby(key).size().sort_index()
+            .equals(truth.obs.groupby(key).size().sort_index()))
+    ctrl_pred = pred[pred.obs["is_real_control"].to_numpy()]
+    ctrl_truth = truth[truth.obs["is_real_control"].to_numpy()]
+    np.testing.assert_array_equal(ctrl_pred.X.toarray(), ctrl_truth.X.toarray())
+    assert pred.uns["lingshu"]["model"] == name
+    assert np.isfinite(pred.X.toarray()).all() and pred.X.min() >= 0
+
+
+def _profile(model, adata, split, truth, ctx, pert):
+    pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
+    sel = ((pred.obs["context"] == ctx) & (pred.obs["perturbation"] == pert)).to_numpy()
+    return np.asarray(pred[sel].X.mean(axis=0)).ravel()
+
+
+def test_baselines_on_a_known_case(tiny_processed):
+    split = make_split(tiny_processed.obs, SPEC, seed=0)
+    truth = build_truth(tiny_processed, split)
+    ctrl = truth[(truth.obs["is_real_control"] & (truth.obs["context"] == "A")).to_numpy()]
+    ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
+
+    control_model, _ = _fit("control_mean", tiny_processed, split)
+    np.testing.assert_allclose(_profile(control_model, tiny_processed, split, truth, "A", "G2"),
+                               ctrl_mean, rtol=1e-5, atol=1e-6)
+
+    pm, _ = _fit("perturbation_mean", tiny_processed, split)
+    train = tiny_processed[split.cells["in_train"].to_numpy()]
+    a_pert = train[((train.obs["context"] == "A") & (train.obs["perturbation"] != "control")).to_numpy()]
+    _, means = group_means(log1p_cp10k(a_pert.X), a_pert.obs["perturbation"].to_numpy())
+    np.testing.assert_allclose(_profile(pm, tiny_processed, split, truth, "A", "G2"),
+                               means.mean(axis=0), rtol=1e-5)
+
+
+def _modular_dataset(seed=0):
+    """4 co-expressed modules of 10 genes; knocking down any gene lowers its whole module."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    n_mod, size = 4, 10
+    genes = [f"M{m}_{j}" for m in range(n_mod) for j in range(size)]
+    perts = ["control"] * 400 + [g for g in genes if not g.endswith("_9") for _ in range(30)]
+    activity = rng.lognormal(0, 0.6, size=(len(perts), n_mod))  # shared within a module
+    for i, p in enumerate(perts):
+        if p != "control":
+            activity[i, int(p[1])] *= 0.2
+    mu = 3.0 * np.repeat(activity, size, axis=1)
+    x = sp.csr_matrix(rng.poisson(mu).astype(np.int32))
+    obs = pd.DataFrame({"perturbation": perts, "context": "A"},
+                       index=[f"c{i}" for i in range(len(perts))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def test_linear_model_transfers_through_target_features():
+    # A held-out target's module comes out lower than in controls, learned from the other
+    # targets of the same module through the target-gene PCA features (SPEC 1.2a).
+    adata = _modular_dataset()
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["M1_3", "M2_5"]}, seed=0)
+    truth = build_truth(adata, split)
+    model, features = _fit("linear", adata, split)
+    assert features.loc["M1_3", "source"] == "target_pca"
+    ctrl = truth[truth.obs["is_real_control"].to_numpy()]
+    ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
+    for target, module in (("M1_3", 1), ("M2_5", 2)):
+        change = _profile(model, adata, split, truth, "A", target) - ctrl_mean
+        in_module = change[module * 10:(module + 1) * 10].mean()
+        others = np.delete(change, np.s_[module * 10:(module + 1) * 10]).mean()
+        assert in_module < -0.3 and in_module < others - 0.3
+
+
+def test_linear_model_combination_split_transfers_shift():
+    adata = make_processed(contexts=("A", "B", "C"), perts=("G1",), n_per=40)
+    split = make_split(adata.obs, {"kind": "heldout_combinations", "test_combinations": [
+        {"context": "A", "perturbation": "G1"}]}, seed=0)
+    truth = build_truth(adata, split)
+    model, _ = _fit("linear", adata, split)
+    prof = _profile(model, adata, split, truth, "A", "G1")
+    ctrl = truth[truth.obs["is_real_control"].to_numpy()]
+    ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
+    assert prof[1] < ctrl_mean[1] - 0.5 and prof[11] > ctrl_mean[11] + 0.5
+
+
+def test_truth_holds_test_cells_and_control_inputs(tiny_processed):
+    split = make_split(tiny_processed.obs, SPEC, seed=0)
+    truth = build_truth(tiny_processed, split)
+    assert set(truth.obs.loc[~truth.obs["is_real_control"], "perturbation"]) == {"G2", "G3"}
+    assert (truth.obs.loc[truth.obs["is_real_control"], "perturbation"] == "control").all()
+    assert truth.X.dtype == np.float32
+    np.testing.assert_allclose(np.expm1(truth.X[:5].toarray()).sum(axis=1), 1e4, rtol=1e-3)
+
+
+def test_unknown_model_name():
+    with pytest.raises(KeyError, match="registered"):
+        build_model("nope")

@@ -1,0 +1,92 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from lingshu.constants import SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
+from lingshu.data.split import check_no_leakage, make_split, read_split, write_split
+from lingshu.errors import InputError
+
+
+def test_heldout_perturbations_never_reach_training(tiny_processed):
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G1", "G3"]}, seed=0)
+    cells = split.cells
+    train_perts = set(cells.loc[cells[SPLIT_TRAIN], "perturbation"])
+    assert not {"G1", "G3"} & train_perts
+    assert set(cells.loc[cells[SPLIT_TEST], "perturbation"]) == {"G1", "G3"}
+    # held-out controls: half of each test context's controls, out of training
+    ctrl_in = cells[SPLIT_CONTROL_INPUT]
+    assert not (ctrl_in & cells[SPLIT_TRAIN]).any()
+    assert ctrl_in.sum() == 60  # 2 contexts x 60 controls x 0.5
+    tc = split.test_conditions()
+    assert set(map(tuple, tc[["context", "perturbation"]].to_numpy())) == {
+        ("A", "G1"), ("A", "G3"), ("B", "G1"), ("B", "G3")}
+    assert (tc["n_cells"] == 30).all()
+
+
+def test_random_heldout_is_seeded(tiny_processed):
+    spec = {"kind": "heldout_perturbations", "n_test_perturbations": 2}
+    a = make_split(tiny_processed.obs, spec, seed=1).cells
+    b = make_split(tiny_processed.obs, spec, seed=1).cells
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_heldout_combinations_keep_perturbation_seen_elsewhere(tiny_processed):
+    split = make_split(tiny_processed.obs, {
+        "kind": "heldout_combinations",
+        "test_combinations": [{"context": "A", "perturbation": "G2"}]}, seed=0)
+    cells = split.cells
+    train = cells[cells[SPLIT_TRAIN]]
+    assert not ((train["context"] == "A") & (train["perturbation"] == "G2")).any()
+    assert ((train["context"] == "B") & (train["perturbation"] == "G2")).any()
+    # the context's controls are seen in training and also handed to the models
+    ctrl_a = (cells["context"] == "A") & (cells["perturbation"] == "control")
+    assert cells.loc[ctrl_a, SPLIT_TRAIN].all() and cells.loc[ctrl_a, SPLIT_CONTROL_INPUT].all()
+    assert not cells.loc[cells["context"] == "B", SPLIT_CONTROL_INPUT].any()
+
+
+def test_random_combinations_leave_each_perturbation_seen(tiny_processed):
+    split = make_split(tiny_processed.obs, {"kind": "heldout_combinations",
+                                            "n_test_combinations": 4}, seed=3)
+    test = split.test_conditions()
+    assert len(test) == 4
+    train = split.cells[split.cells[SPLIT_TRAIN]]
+    for pert in test["perturbation"]:
+        assert (train["perturbation"] == pert).any()
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"kind": "heldout_perturbations", "test_perturbations": ["NOPE"]}, "test_perturbations"),
+    ({"kind": "heldout_perturbations", "n_test_perturbations": 4}, "n_test_perturbations"),
+    ({"kind": "heldout_perturbations"}, "split"),
+    ({"kind": "heldout_combinations", "test_combinations": [
+        {"context": "A", "perturbation": "G1"}, {"context": "B", "perturbation": "G1"}]},
+     "test_combinations"),
+    ({"kind": "heldout_combinations", "test_combinations": [
+        {"context": "C", "perturbation": "G1"}]}, "test_combinations"),
+    ({"kind": "sideways"}, "split.kind"),
+])
+def test_bad_split_specs_are_clear(tiny_processed, spec, field):
+    with pytest.raises(InputError, match=field) as info:
+        make_split(tiny_processed.obs, spec, seed=0, where="cfg.yaml: datasets.tiny")
+    assert "cfg.yaml" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_leakage_check_catches_a_leak(tiny_processed):
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G1"]}, seed=0)
+    cells = split.cells.copy()
+    leak = cells.index[(cells["perturbation"] == "G1")][0]
+    cells.loc[leak, SPLIT_TEST] = False
+    cells.loc[leak, SPLIT_TRAIN] = True
+    with pytest.raises(InputError, match="leakage"):
+        check_no_leakage(cells, "heldout_perturbations")
+
+
+def test_split_round_trip(tmp_path, tiny_processed):
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G4"]}, seed=0)
+    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    back = read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    pd.testing.assert_frame_equal(back.cells, split.cells, check_dtype=False)
+    assert np.array_equal(back.conditions["n_cells"], split.conditions["n_cells"])
