@@ -1,5 +1,6 @@
 # Helpers shared by the rules: paths, per-dataset model lists, JSON of config entries.
 import json
+import os
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
@@ -7,7 +8,7 @@ DATASETS = sorted(config["datasets"])
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
-    model="[A-Za-z0-9_]+",
+    model="|".join(sorted(config["models"])),
 
 
 def entry(dataset):

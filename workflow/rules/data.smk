@@ -14,6 +14,8 @@ rule simulate_dataset:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu simulate --params {params.sim:q} --seed {params.seed} "
         "--out {output} > {log} 2>&1"
@@ -32,6 +34,8 @@ rule fetch_dataset:
     resources:
         mem_mb=1000,
     retries: 1
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu fetch --source {params.source:q} --out {output} > {log} 2>&1"
 
@@ -50,6 +54,8 @@ rule preprocess:
     threads: 1
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu preprocess --raw {input} --entry {params.entry:q} "
         "--dataset {wildcards.dataset} --out {output} > {log} 2>&1"

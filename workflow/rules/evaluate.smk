@@ -17,6 +17,8 @@ rule evaluate:
     threads: config["threads"]
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/evaluate.yaml"
     shell:
         "python -m lingshu evaluate --truth {input.truth} --pred {input.pred} "
         "--outdir {params.outdir} --threads {threads} > {log} 2>&1"
@@ -37,6 +39,8 @@ rule ceiling:
     threads: config["threads"]
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/evaluate.yaml"
     shell:
         "python -m lingshu evaluate --truth {input.truth} --ceiling "
         "--outdir {params.outdir} --threads {threads} > {log} 2>&1"

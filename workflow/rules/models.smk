@@ -21,6 +21,8 @@ rule fit_model:
     resources:
         mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
         gpu=lambda w: model_block(w.model).get("gpu", 0),
+    conda:
+        "../../envs/models.yaml"
     shell:
         "python -m lingshu fit --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
@@ -49,6 +51,8 @@ rule predict:
     resources:
         mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
         gpu=lambda w: model_block(w.model).get("gpu", 0),
+    conda:
+        "../../envs/models.yaml"
     shell:
         "python -m lingshu predict --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --truth {input.truth} --model-file {input.model} "

@@ -37,6 +37,8 @@ rule report:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../../envs/report.yaml"
     shell:
         "python -m lingshu report --dataset {wildcards.dataset} --truth {input.truth} "
         "--eval {params.evals} --pred {params.preds} {params.ceiling} "
@@ -51,7 +53,7 @@ rule index:
         f"{R}/index.html",
     params:
         datasets=" ".join(DATASETS),
-        results=R,
+        results=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{R}/logs/index.log",
     benchmark:
@@ -59,6 +61,8 @@ rule index:
     threads: 1
     resources:
         mem_mb=1000,
+    conda:
+        "../../envs/report.yaml"
     shell:
         "python -m lingshu index --results {params.results} --datasets {params.datasets} "
         "--out {output} > {log} 2>&1"

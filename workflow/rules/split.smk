@@ -18,6 +18,8 @@ rule split:
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu split --processed {input} --spec {params.spec:q} "
         "--seed {params.seed} --where {params.where:q} --cells {output.cells} "
@@ -38,6 +40,8 @@ rule truth:
     threads: 1
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu truth --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --out {output} > {log} 2>&1"
@@ -60,6 +64,8 @@ rule features:
     threads: 1
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m lingshu features --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --entry {params.entry:q} --seed {params.seed} "
