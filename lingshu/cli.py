@@ -132,6 +132,12 @@ def cmd_report(args) -> None:
                  benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed)
 
 
+def cmd_index(args) -> None:
+    from lingshu.report.index import build_index
+
+    build_index(args.results, args.datasets, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lingshu", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outdir", required=True)
+
+    p = add("index", cmd_index, "the front page linking every dataset's report")
+    p.add_argument("--results", required=True)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--out", required=True)
     return parser
 
 

@@ -1,0 +1,622 @@
+"""Raw h5ad -> canonical processed AnnData: validation, QC, gene alignment, canonical obs.
+
+A dataset entry of the config (validated by the JSON schema, defaults filled) says which obs
+columns hold the perturbation, the context and the batch, which label marks control cells,
+where the raw counts are (``X`` or a layer), the QC thresholds and an optional gene list.
+
+- :func:`read_raw` reads the file, checking obs/var against the entry before loading counts.
+- :func:`validate_raw` raises :class:`~lingshu.errors.InputError` for every bad input we know
+  of, each naming the file, the field and the fix.
+- :func:`preprocess` returns a new AnnData in the canonical form of :mod:`lingshu.constants`.
+
+Count matrices reach 221k cells x 18k genes, so nothing here densifies the full matrix:
+checks run over ``X.data`` (sparse) or row blocks (dense, backed), and counts stay CSR.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.abc import CSCDataset, CSRDataset
+from tqdm import tqdm
+
+from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.errors import input_error
+
+logger = logging.getLogger(__name__)
+
+BLOCK_ELEMENTS = 1 << 24  # values examined per block: bounds the temporary memory of checks
+INT32_MAX = np.iinfo(np.int32).max
+N_SHOWN = 8  # how many offending labels / genes / conditions an error message lists
+MITO_PREFIX = "MT-"  # human mitochondrial genes; matched case-insensitively so mouse `mt-` works too
+
+_QC_DEFAULTS = {"min_counts_per_cell": 0, "min_genes_per_cell": 0, "min_cells_per_gene": 0, "max_pct_mito": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers on the entry
+# ---------------------------------------------------------------------------------------------
+
+
+def _columns(entry: dict) -> dict:
+    """The entry's ``columns`` mapping (empty when absent)."""
+    return entry.get("columns") or {}
+
+
+def _control_label(entry: dict) -> str:
+    """The control label as a string (YAML may give numbers, obs labels are compared as str)."""
+    return str(_columns(entry).get("control", CONTROL))
+
+
+def _min_cells(entry: dict) -> int:
+    return int(entry.get("min_cells_per_condition", 10) or 0)
+
+
+def _shown(items: list[Any]) -> str:
+    """``'a', 'b', ... (+N more)`` for error messages."""
+    head = ", ".join(repr(str(x)) for x in items[:N_SHOWN])
+    return head + (f" (+{len(items) - N_SHOWN} more)" if len(items) > N_SHOWN else "")
+
+
+def _counts_field(entry: dict) -> str:
+    """How error messages name the matrix holding the counts."""
+    layer = entry.get("layer")
+    return f"layers[{layer!r}] (config `layer`)" if layer else "X"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of obs / var (cheap: no counts needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_obs_columns(obs: pd.DataFrame, entry: dict, path: str) -> None:
+    """Every obs column named by ``columns.*`` must exist; ``columns.perturbation`` is required."""
+    cols = _columns(entry)
+    available = _shown(list(obs.columns)) or "(none)"
+    if not cols.get("perturbation"):
+        raise input_error(path, "columns.perturbation", "no obs column is named for the perturbation label",
+                          f"set `columns.perturbation` to one of the obs columns: {available}")
+    for key in ("perturbation", "context", "batch"):
+        name = cols.get(key)
+        if name and name not in obs.columns:
+            raise input_error(
+                path, f"columns.{key}",
+                f"obs column {name!r} (named by config key `columns.{key}`) is not in the file; "
+                f"available obs columns: {available}",
+                f"set `columns.{key}` to one of the available columns"
+                + ("" if key == "perturbation" else ", or remove it"),
+            )
+
+
+def _check_no_missing_labels(obs: pd.DataFrame, entry: dict, path: str) -> None:
+    """Label columns must not hold NaN: a cell without a label cannot be placed in a condition."""
+    cols = _columns(entry)
+    for key in ("perturbation", "context", "batch"):
+        name = cols.get(key)
+        if name:
+            n_missing = int(obs[name].isna().sum())
+            if n_missing:
+                raise input_error(path, f"columns.{key}",
+                                  f"obs column {name!r} has {n_missing} cells without a label (NaN)",
+                                  "label every cell, or remove the unlabelled cells from the file")
+
+
+def _check_control(obs: pd.DataFrame, entry: dict, path: str) -> None:
+    """Control cells must exist, and no other perturbation may be literally named ``control``."""
+    col = _columns(entry)["perturbation"]
+    control = _control_label(entry)
+    counts = obs[col].astype(str).value_counts()
+    if control not in counts.index:
+        top = [f"{label} ({n} cells)" for label, n in counts.head(N_SHOWN).items()]
+        raise input_error(
+            path, "columns.control",
+            f"no cell of obs column {col!r} has the control label {control!r}; most frequent labels: "
+            + ", ".join(top) + (f" (+{len(counts) - N_SHOWN} more)" if len(counts) > N_SHOWN else ""),
+            f"set `columns.control` to the label of the control (unperturbed / non-targeting) cells in {col!r}",
+        )
+    if control != CONTROL and CONTROL in counts.index:
+        raise input_error(
+            path, "columns.control",
+            f"obs column {col!r} has {counts[CONTROL]} cells labelled {CONTROL!r} but the control label is "
+            f"{control!r}; controls are relabelled {CONTROL!r}, so the two groups would merge",
+            f"if {CONTROL!r} cells are the controls set `columns.control: {CONTROL}`; otherwise rename that "
+            "perturbation in the file",
+        )
+
+
+def _check_genes(var_names: pd.Index, path: str) -> None:
+    """Gene names must be unique: counts are aligned and compared by name."""
+    dup = var_names[var_names.duplicated()].unique().tolist()
+    if dup:
+        raise input_error(
+            path, "var_names", f"{len(dup)} gene names occur more than once, e.g. {_shown(dup)}",
+            "make the gene names unique in the file (e.g. sum or drop duplicates, or use Ensembl IDs), "
+            "or run `adata.var_names_make_unique()` before use",
+        )
+
+
+def _condition_sizes(obs: pd.DataFrame, pert: str, context: str | None, context_label: str) -> pd.Series:
+    """Number of cells per (context, perturbation), labels as strings."""
+    ctx = obs[context].astype(str) if context else pd.Series(context_label, index=obs.index)
+    df = pd.DataFrame({"context": ctx.to_numpy(), "perturbation": obs[pert].astype(str).to_numpy()})
+    return df.groupby(["context", "perturbation"], observed=True).size()
+
+
+def _small_conditions(sizes: pd.Series, min_cells: int) -> pd.Series:
+    return sizes[sizes < min_cells].sort_values()
+
+
+def _raise_small(small: pd.Series, min_cells: int, path: str, when: str) -> None:
+    """Error for conditions below ``min_cells_per_condition``, naming them."""
+    names = [f"{ctx} x {pert} ({n} cells)" for (ctx, pert), n in small.items()]
+    raise input_error(
+        path, "min_cells_per_condition",
+        f"{len(names)} (context x perturbation) conditions have fewer than {min_cells} cells {when}: "
+        + ", ".join(names[:N_SHOWN]) + (f" (+{len(names) - N_SHOWN} more)" if len(names) > N_SHOWN else ""),
+        "set `drop_small_conditions: true` to drop them, lower `min_cells_per_condition`, or loosen `qc`",
+    )
+
+
+def _check_not_empty(n_obs: int, n_vars: int, path: str, when: str, field: str = "qc") -> None:
+    """Raise when no cell or no gene is left ``when`` (a phrase for the message)."""
+    if n_obs == 0 or n_vars == 0:
+        fix = ("provide a file with cells and genes" if field == "X" else
+               "loosen the thresholds under `qc`, lower `min_cells_per_condition`, or check the gene list `genes`")
+        raise input_error(path, field, f"the dataset is empty {when} ({n_obs} cells x {n_vars} genes)", fix)
+
+
+def _validate_metadata(obs: pd.DataFrame, var_names: pd.Index, entry: dict, path: str) -> None:
+    """All checks that need only obs and var (run before the counts are loaded)."""
+    _check_not_empty(len(obs), len(var_names), path, "in the raw file", field="X")
+    _check_obs_columns(obs, entry, path)
+    _check_no_missing_labels(obs, entry, path)
+    _check_control(obs, entry, path)
+    _check_genes(pd.Index(var_names), path)
+    if not entry.get("drop_small_conditions", False):
+        cols = _columns(entry)
+        sizes = _condition_sizes(obs, cols["perturbation"], cols.get("context"),
+                                 str(cols.get("context_label") or "(single context)"))
+        small = _small_conditions(sizes, _min_cells(entry))
+        if len(small):
+            _raise_small(small, _min_cells(entry), path, "in the raw data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of counts, block by block
+# ---------------------------------------------------------------------------------------------
+
+
+def _counts_matrix(adata: ad.AnnData, entry: dict, path: str) -> Any:
+    """The matrix holding raw counts: ``layers[entry['layer']]`` or ``X``."""
+    layer = entry.get("layer")
+    if layer:
+        if layer not in adata.layers:
+            raise input_error(path, "layer", f"layer {layer!r} is not in the file; available layers: "
+                              f"{_shown(list(adata.layers.keys())) or '(none)'}",
+                              "set `layer` to one of the available layers, or remove it to use X")
+        return adata.layers[layer]
+    if adata.X is None:
+        raise input_error(path, "X", "the file has no X matrix", "set `layer` to the layer that holds raw counts")
+    return adata.X
+
+
+def _row_blocks(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about BLOCK_ELEMENTS values each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _value_blocks(X: Any) -> Iterator[np.ndarray]:
+    """Yield the stored values of ``X`` in 1-D blocks, never the whole dense matrix at once.
+
+    Sparse (in memory or backed): the stored nonzeros (implicit zeros are valid counts).
+    Dense (numpy, h5py, anything sliceable by rows): row blocks.
+    """
+    if sp.issparse(X):
+        data = X.data
+        for start in range(0, data.size, BLOCK_ELEMENTS):
+            yield data[start:start + BLOCK_ELEMENTS]
+    elif isinstance(X, (CSRDataset, CSCDataset)):
+        data = X.group["data"]  # h5py dataset of the nonzeros: read in slices
+        for start in range(0, data.shape[0], BLOCK_ELEMENTS):
+            yield data[start:start + BLOCK_ELEMENTS]
+    else:
+        n_rows, n_cols = X.shape
+        for start, stop in _row_blocks(n_rows, n_cols):
+            yield np.asarray(X[start:stop]).ravel()
+
+
+def _n_blocks(X: Any) -> int:
+    """How many blocks :func:`_value_blocks` yields (for the progress bar)."""
+    if sp.issparse(X):
+        n = X.data.size
+    elif isinstance(X, (CSRDataset, CSCDataset)):
+        n = X.group["data"].shape[0]
+    else:
+        return len(list(_row_blocks(X.shape[0], X.shape[1])))
+    return -(-n // BLOCK_ELEMENTS)
+
+
+def _check_counts(X: Any, entry: dict, path: str, progress: bool = False, layers: list[str] | None = None) -> None:
+    """Counts must be finite, non-negative integers that fit in int32.
+
+    ``layers`` (the file's layer names) are suggested in the fix, since raw counts often sit
+    in a layer when X holds normalised values.
+    """
+    n_bad = {"nonfinite": 0, "negative": 0, "fraction": 0}
+    example: dict[str, float | None] = {"negative": None, "fraction": None}
+    vmax = 0.0
+    is_int = np.issubdtype(np.dtype(X.dtype), np.integer) or np.dtype(X.dtype) == bool
+    for block in tqdm(_value_blocks(X), total=_n_blocks(X), desc="checking counts", disable=not progress):
+        if not is_int:  # integer storage cannot hold NaN or fractions
+            finite = np.isfinite(block)
+            if not finite.all():
+                n_bad["nonfinite"] += int(block.size - np.count_nonzero(finite))
+                block = block[finite]
+            fraction = block != np.rint(block)
+            if fraction.any():
+                n_bad["fraction"] += int(np.count_nonzero(fraction))
+                if example["fraction"] is None:
+                    example["fraction"] = float(block[fraction][0])
+        if block.size == 0:
+            continue
+        negative = block < 0
+        if negative.any():
+            n_bad["negative"] += int(np.count_nonzero(negative))
+            example["negative"] = min(float(block[negative].min()), example["negative"] or 0.0)
+        vmax = max(vmax, float(block.max()))
+    _raise_count_errors(n_bad, example, vmax, entry, path, layers or [])
+
+
+def _raise_count_errors(n_bad: dict, example: dict, vmax: float, entry: dict, path: str, layers: list[str]) -> None:
+    """Turn the tallies of :func:`_check_counts` into the first relevant InputError."""
+    field = _counts_field(entry)
+    others = [name for name in layers if name != entry.get("layer")]
+    use_layer = ("set `layer` to the layer holding raw integer UMI counts"
+                 + (f" (layers in the file: {_shown(others)})" if others else "")
+                 + ", or supply the raw count matrix")
+    if n_bad["nonfinite"]:
+        raise input_error(path, field, f"{n_bad['nonfinite']} values are NaN or infinite; expected raw counts",
+                          f"repair or remove the cells with NaN/infinite values; {use_layer}")
+    if n_bad["negative"]:
+        raise input_error(path, field, f"{n_bad['negative']} values are negative (min {example['negative']:g}); "
+                          "expected raw counts, this looks like scaled or centred data", use_layer)
+    if n_bad["fraction"]:
+        raise input_error(path, field, f"{n_bad['fraction']} values are not integers (e.g. {example['fraction']:g}); "
+                          "expected raw UMI counts, this looks like normalised or log-transformed data",
+                          f"{use_layer} (not log-normalised values)")
+    if vmax > INT32_MAX:
+        raise input_error(path, field, f"largest value {vmax:g} exceeds the int32 range of stored counts",
+                          "check that the matrix holds per-cell UMI counts")
+
+
+def validate_raw(adata: ad.AnnData, entry: dict, path: str) -> None:
+    """Check a raw AnnData against its dataset entry; raise InputError on the first problem.
+
+    Checks: obs columns named by ``columns.*`` exist (and have no NaN labels), control cells
+    exist, no other perturbation is literally ``control``, gene names are unique, every
+    (context, perturbation) condition has ``min_cells_per_condition`` cells (unless
+    ``drop_small_conditions``), and the counts (``X`` or ``layer``) are finite non-negative
+    integers. ``adata`` may be backed; nothing is modified.
+    """
+    _validate_metadata(adata.obs, adata.var_names, entry, path)
+    _check_counts(_counts_matrix(adata, entry, path), entry, path, layers=list(adata.layers.keys()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_h5(path: str) -> h5py.File:
+    """Open ``path`` as HDF5, or raise InputError saying why it cannot be read."""
+    if not Path(path).is_file():
+        raise input_error(path, "source", "the raw data file does not exist",
+                          "check the dataset's `source` in the config")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise input_error(path, "source", f"cannot be read as an h5ad (HDF5) file: {exc}",
+                          "provide an .h5ad file written by anndata (`adata.write_h5ad(...)`)") from exc
+
+
+def read_raw(path: str, entry: dict) -> ad.AnnData:
+    """Read the raw h5ad at ``path`` into memory, validating obs and var before any counts.
+
+    Only what preprocessing needs is loaded: obs, var, uns, obsm and the counts matrix (``X``,
+    or only ``layers[entry['layer']]`` when a layer is named, leaving ``X`` empty). Files of
+    the old (pre-0.7) anndata layout are opened backed instead, validated, then loaded.
+    Count values are checked later by :func:`validate_raw` / :func:`preprocess`.
+    """
+    with _open_h5(path) as f:
+        if "obs" not in f or "var" not in f or f["obs"].attrs.get("encoding-type") is None:
+            return _read_raw_backed(path, entry)
+        obs = ad.io.read_elem(f["obs"])
+        var = ad.io.read_elem(f["var"])
+        _validate_metadata(obs, var.index, entry, path)
+        layer = entry.get("layer")
+        key = f"layers/{layer}" if layer else "X"
+        if key not in f:
+            available = list(f["layers"].keys()) if "layers" in f else []
+            raise input_error(path, "layer" if layer else "X", f"{key} is not in the file; available layers: "
+                              f"{_shown(available) or '(none)'}", "set `layer` to the layer holding raw counts")
+        counts = ad.io.read_elem(f[key])
+        uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
+        obsm = ad.io.read_elem(f["obsm"]) if "obsm" in f else {}
+    if layer:
+        return ad.AnnData(obs=obs, var=var, uns=uns, obsm=obsm, layers={layer: counts})
+    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns, obsm=obsm)
+
+
+def _read_raw_backed(path: str, entry: dict) -> ad.AnnData:
+    """Fallback for layouts read_elem cannot read piecewise: open backed, validate, load."""
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        _validate_metadata(adata.obs, adata.var_names, entry, path)
+        _counts_matrix(adata, entry, path)  # fails early on a missing layer
+        return adata.to_memory()
+    finally:
+        adata.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the canonical AnnData
+# ---------------------------------------------------------------------------------------------
+
+
+def _csr_block_int32(block: Any) -> sp.csr_matrix:
+    """One block (sparse or dense) as CSR int32, copying so the input is never shared."""
+    if sp.issparse(block):
+        csr = block.tocsr() if block.format != "csr" else block
+        out = sp.csr_matrix((csr.data.astype(np.int32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
+    else:
+        out = sp.csr_matrix(np.asarray(block).astype(np.int32, copy=False))
+    out.eliminate_zeros()  # explicit zeros would inflate genes-per-cell in QC
+    out.sum_duplicates()
+    return out
+
+
+def _to_csr_int32(X: Any, progress: bool = False) -> sp.csr_matrix:
+    """A new CSR int32 copy of validated counts; dense and backed inputs go row block by block."""
+    if sp.issparse(X):
+        return _csr_block_int32(X)
+    n_rows, n_cols = X.shape
+    blocks = [
+        _csr_block_int32(X[start:stop])
+        for start, stop in tqdm(list(_row_blocks(n_rows, n_cols)), desc="converting counts", disable=not progress)
+    ]
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.int32)
+
+
+def _canonical_obs(obs: pd.DataFrame, entry: dict, dataset: str) -> pd.DataFrame:
+    """A copy of ``obs`` with canonical ``perturbation``, ``context`` and ``batch`` (str) columns.
+
+    An original column that already bears a canonical name but is not the configured source
+    for it (e.g. a ``perturbation`` column when ``columns.perturbation: condition``) is kept
+    as ``<name>_original`` rather than overwritten.
+    """
+    cols = _columns(entry)
+    control = _control_label(entry)
+    labels = obs[cols["perturbation"]].astype(str).to_numpy(dtype=object)
+    pert = np.where(labels == control, CONTROL, labels).astype(object)
+    if cols.get("context"):
+        context = obs[cols["context"]].astype(str).to_numpy(dtype=object)
+    else:
+        context = np.full(len(obs), str(cols.get("context_label") or dataset), dtype=object)
+    batch = obs[cols["batch"]].astype(str).to_numpy(dtype=object) if cols.get("batch") else context.copy()
+
+    out = obs.copy()
+    sources = {PERT_COL: cols["perturbation"], CONTEXT_COL: cols.get("context"), BATCH_COL: cols.get("batch")}
+    for canon, source in sources.items():
+        if canon in out.columns and source != canon:
+            kept = f"{canon}_original"
+            while kept in out.columns:
+                kept += "_"
+            out = out.rename(columns={canon: kept})
+            logger.info("obs column %r is not the configured %s column; kept as %r", canon, canon, kept)
+    out[PERT_COL] = pert
+    out[CONTEXT_COL] = context
+    out[BATCH_COL] = batch
+    return out
+
+
+def _canonical_copy(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress: bool) -> ad.AnnData:
+    """A new AnnData: CSR int32 counts, canonical obs, str unique names, copies of uns/obsm.
+
+    Layers, obsp and varm are not carried over: the processed file holds counts only.
+    """
+    counts = _to_csr_int32(_counts_matrix(adata, entry, path), progress)
+    obs = _canonical_obs(adata.obs, entry, dataset)
+    obs.index = obs.index.astype(str)
+    if not obs.index.is_unique:
+        logger.info("%s: obs names are not unique; adding suffixes (-1, -2, ...)", path)
+        obs.index = ad.utils.make_index_unique(obs.index)
+    var = adata.var.copy()
+    var.index = var.index.astype(str)
+    obsm = {k: (v.copy() if hasattr(v, "copy") else np.array(v)) for k, v in adata.obsm.items()}
+    return ad.AnnData(X=counts, obs=obs, var=var, uns=copy.deepcopy(dict(adata.uns)), obsm=obsm)
+
+
+# ---------------------------------------------------------------------------------------------
+# QC, condition sizes, genes
+# ---------------------------------------------------------------------------------------------
+
+
+def _cell_qc(adata: ad.AnnData, qc: dict, path: str) -> ad.AnnData:
+    """Drop cells below the count / gene thresholds or above the mitochondrial percentage.
+
+    Adds ``total_counts``, ``n_genes_by_counts`` (and ``pct_counts_mt`` when ``max_pct_mito`` is
+    set) to obs, with scanpy's names, computed on the raw genes.
+    """
+    X = adata.X
+    total = np.asarray(X.sum(axis=1)).ravel()
+    n_genes = np.diff(X.indptr)  # explicit zeros were removed, so stored entries are nonzero
+    adata.obs["total_counts"] = total
+    adata.obs["n_genes_by_counts"] = n_genes
+    keep = (total >= qc["min_counts_per_cell"]) & (n_genes >= qc["min_genes_per_cell"])
+    reasons = {"min_counts_per_cell": int((total < qc["min_counts_per_cell"]).sum()),
+               "min_genes_per_cell": int((n_genes < qc["min_genes_per_cell"]).sum())}
+    if qc.get("max_pct_mito") is not None:
+        mito = adata.var_names.str.upper().str.startswith(MITO_PREFIX)
+        if not mito.any():
+            logger.warning("%s: qc.max_pct_mito is set but no gene name starts with %r; no cell is removed by it",
+                           path, MITO_PREFIX)
+        mt = np.asarray(X[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
+        pct = 100.0 * mt / np.maximum(total, 1)
+        adata.obs["pct_counts_mt"] = pct
+        keep &= pct <= float(qc["max_pct_mito"])
+        reasons["max_pct_mito"] = int((pct > float(qc["max_pct_mito"])).sum())
+    logger.info("%s: cell QC keeps %d of %d cells (failing: %s)", path, int(keep.sum()), adata.n_obs, reasons)
+    _check_not_empty(int(keep.sum()), adata.n_vars, path, "after QC (cells)")
+    return adata[keep].copy()
+
+
+def _enforce_condition_sizes(adata: ad.AnnData, entry: dict, path: str) -> ad.AnnData:
+    """After QC: raise on conditions below ``min_cells_per_condition``, or drop them."""
+    min_cells = _min_cells(entry)
+    sizes = _condition_sizes(adata.obs, PERT_COL, CONTEXT_COL, "")
+    small = _small_conditions(sizes, min_cells)
+    if not len(small):
+        return adata
+    if not entry.get("drop_small_conditions", False):
+        _raise_small(small, min_cells, path, "after QC")
+    logger.warning("%s: dropping %d conditions with fewer than %d cells: %s", path, len(small), min_cells,
+                   ", ".join(f"{c} x {p} ({n})" for (c, p), n in small.items()))
+    pairs = pd.MultiIndex.from_arrays([adata.obs[CONTEXT_COL].astype(str), adata.obs[PERT_COL].astype(str)])
+    keep = ~pairs.isin(small.index)
+    _check_not_empty(int(keep.sum()), adata.n_vars, path, "after QC and dropping small conditions")
+    out = adata[keep].copy()
+    if CONTROL not in set(out.obs[PERT_COL]):
+        raise input_error(path, "min_cells_per_condition",
+                          "no control cells are left after QC and dropping small conditions",
+                          "lower `min_cells_per_condition` or loosen `qc`")
+    return out
+
+
+def _gene_qc(adata: ad.AnnData, min_cells: int, path: str) -> ad.AnnData:
+    """Drop genes detected in fewer than ``min_cells`` cells."""
+    if min_cells <= 0:
+        return adata
+    n_cells = np.bincount(adata.X.indices, minlength=adata.n_vars)
+    keep = n_cells >= min_cells
+    logger.info("%s: gene QC keeps %d of %d genes", path, int(keep.sum()), adata.n_vars)
+    _check_not_empty(adata.n_obs, int(keep.sum()), path, "after QC (genes)")
+    return adata[:, keep].copy()
+
+
+def read_gene_list(genes_path: str, config_path: str = "config") -> list[str]:
+    """Gene symbols from a text file, one per line (blank lines and ``#`` comments skipped)."""
+    p = Path(genes_path)
+    if not p.is_file():
+        raise input_error(config_path, "genes", f"gene list file {genes_path!r} does not exist",
+                          "correct the `genes` path of the dataset entry, or remove it")
+    genes = [ln.strip() for ln in p.read_text().splitlines()]
+    genes = [g for g in genes if g and not g.startswith("#")]
+    if not genes:
+        raise input_error(genes_path, "genes", "the gene list is empty", "write one gene symbol per line")
+    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if dup:
+        raise input_error(genes_path, "genes", f"{len(dup)} genes are listed twice, e.g. {_shown(dup)}",
+                          "list each gene once")
+    return genes
+
+
+def _reindex_var(var: pd.DataFrame, genes: list[str]) -> pd.DataFrame:
+    """``var`` reindexed to ``genes``; bool/int columns become nullable so absent genes get NA."""
+    out = pd.DataFrame(index=pd.Index(genes, dtype=object))
+    for col in var.columns:
+        series = var[col]
+        if pd.api.types.is_bool_dtype(series):
+            series = series.astype("boolean")
+        elif pd.api.types.is_integer_dtype(series):
+            series = series.astype("Int64")
+        out[col] = series.reindex(genes)  # aligned on the (unique) gene index
+    return out
+
+
+def _align_genes(adata: ad.AnnData, genes: list[str], genes_path: str, path: str) -> ad.AnnData:
+    """Reorder the genes to ``genes``: absent ones become all-zero columns, others are dropped.
+
+    Done as a sparse product with a 0/1 selection matrix so the counts stay sparse.
+    """
+    pos = adata.var_names.get_indexer(genes)
+    present = pos >= 0
+    n_present = int(present.sum())
+    if n_present == 0:
+        raise input_error(genes_path, "genes",
+                          f"none of the {len(genes)} listed genes is in {path} (list starts {_shown(genes[:3])}, "
+                          f"data genes start {_shown(list(adata.var_names[:3]))})",
+                          "use a gene list with the same identifiers as the data (symbols vs Ensembl IDs)")
+    select = sp.csr_matrix(
+        (np.ones(n_present, dtype=np.int32), (pos[present], np.flatnonzero(present))),
+        shape=(adata.n_vars, len(genes)),
+    )
+    X = sp.csr_matrix(adata.X @ select, dtype=np.int32)
+    X.sort_indices()
+    logger.info("%s: aligned to %d genes of %s: %d found, %d absent (added as zeros), %d data genes dropped",
+                path, len(genes), genes_path, n_present, len(genes) - n_present, adata.n_vars - n_present)
+    if n_present < len(genes) / 2:
+        logger.warning("%s: only %d of %d listed genes are in the data", path, n_present, len(genes))
+    var = _reindex_var(adata.var, genes)
+    var["in_raw_data"] = present
+    return ad.AnnData(X=X, obs=adata.obs, var=var, uns=adata.uns, obsm=dict(adata.obsm.items()))
+
+
+def _genes_step(adata: ad.AnnData, entry: dict, qc: dict, path: str) -> tuple[ad.AnnData, int]:
+    """Gene filter or gene-list alignment; returns (adata, number of zero-filled genes).
+
+    With a gene list, the list defines the gene space (shared across datasets), so
+    ``min_cells_per_gene`` is not applied: it would remove listed genes.
+    """
+    genes_path = entry.get("genes")
+    if not genes_path:
+        return _gene_qc(adata, int(qc["min_cells_per_gene"]), path), 0
+    if qc["min_cells_per_gene"] > 0:
+        logger.warning("%s: qc.min_cells_per_gene is ignored because a gene list (`genes`) is given", path)
+    genes = read_gene_list(genes_path)
+    out = _align_genes(adata, genes, genes_path, path)
+    return out, int((~out.var["in_raw_data"]).sum())
+
+
+def preprocess(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress: bool = False) -> ad.AnnData:
+    """Validate ``adata`` (read from ``path``) and return a NEW canonical AnnData.
+
+    The result has raw counts as CSR int32 in X; obs with the original columns plus canonical
+    ``perturbation`` (controls relabelled ``control``), ``context`` and ``batch`` as strings;
+    unique str obs/var names; QC applied (cells, then condition sizes, then genes or the gene
+    list); ``uns['lingshu']`` describing the dataset. The input object is not modified.
+    Raises InputError (file, field, fix) on any bad input, including an empty result.
+    """
+    qc = {**_QC_DEFAULTS, **(entry.get("qc") or {})}
+    n_cells_raw, n_genes_raw = adata.n_obs, adata.n_vars
+    _validate_metadata(adata.obs, adata.var_names, entry, path)
+    _check_counts(_counts_matrix(adata, entry, path), entry, path, progress, layers=list(adata.layers.keys()))
+
+    out = _canonical_copy(adata, entry, dataset, path, progress)
+    out = _cell_qc(out, qc, path)
+    out = _enforce_condition_sizes(out, entry, path)
+    out, n_zero_filled = _genes_step(out, entry, qc, path)
+    _check_not_empty(out.n_obs, out.n_vars, path, "after QC")
+
+    out.uns["lingshu"] = {
+        "dataset": dataset,
+        "control_label": _control_label(entry),
+        "perturbation_type": str(entry.get("perturbation_type") or ""),  # h5ad cannot store None
+        "n_cells_raw": int(n_cells_raw),
+        "n_genes_raw": int(n_genes_raw),
+        "n_cells": int(out.n_obs),
+        "n_genes": int(out.n_vars),
+        "n_genes_zero_filled": n_zero_filled,
+    }
+    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", path, dataset,
+                out.n_obs, out.n_vars, n_cells_raw, n_genes_raw)
+    return out

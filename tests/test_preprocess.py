@@ -1,0 +1,409 @@
+"""Tests of lingshu.data.preprocess: bad-input errors, canonical output, QC, gene alignment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.preprocess import preprocess, read_raw, validate_raw
+from lingshu.errors import InputError
+from lingshu.io import write_h5ad
+
+PATH = "raw/synthetic.h5ad"  # only used in messages for in-memory objects
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PAPALEXI = DATA / "papalexi2021_thp1_eccite_sceptredata.h5ad"
+KANG = DATA / "kang2018_ifnb_pbmc_muscat.h5ad"
+NORMAN = DATA / "perturbench_devel_norman2019_mcfaline2023.h5ad"
+
+
+def make_adata(n_cells: int = 200, n_genes: int = 50, control: str = "NT", seed: int = 0) -> ad.AnnData:
+    """Synthetic raw data: NB counts (float32 CSR, like most files), 4 labels x 2 contexts."""
+    rng = np.random.default_rng(seed)
+    counts = rng.negative_binomial(n=2, p=0.3, size=(n_cells, n_genes)).astype(np.float32)
+    genes = [f"G{i}" for i in range(n_genes - 2)] + ["MT-CO1", "MT-ND1"]
+    labels = np.array([control, "P1", "P2", "P3"])[np.arange(n_cells) % 4]
+    obs = pd.DataFrame(
+        {
+            "guide_target": pd.Categorical(labels),
+            "cell_line": np.where(np.arange(n_cells) % 8 < 4, "A", "B"),
+            "lane": pd.Categorical(np.where(np.arange(n_cells) < n_cells // 2, "L1", "L2")),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def make_entry(**overrides) -> dict:
+    """A dataset entry as the schema would leave it (defaults filled)."""
+    entry = {
+        "source": {"path": PATH},
+        "columns": {"perturbation": "guide_target", "control": "NT", "context": "cell_line", "batch": "lane"},
+        "perturbation_type": "genetic",
+        "genes": None,
+        "layer": None,
+        "qc": {"min_counts_per_cell": 0, "min_genes_per_cell": 0, "min_cells_per_gene": 0, "max_pct_mito": None},
+        "min_cells_per_condition": 10,
+        "drop_small_conditions": False,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    return entry
+
+
+def assert_input_error(func, field: str, *fragments: str, path: str = PATH) -> str:
+    """Run ``func``; check it raises InputError naming the path, the field, the fix and fragments."""
+    with pytest.raises(InputError) as err:
+        func()
+    msg = str(err.value)
+    assert str(path) in msg, msg
+    assert field in msg, msg
+    assert "Fix:" in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_value(value: float):
+    def mutate(adata: ad.AnnData, entry: dict) -> None:
+        adata.X.data[3] = value
+    return mutate
+
+
+def _missing_column(adata: ad.AnnData, entry: dict) -> None:
+    entry["columns"]["context"] = "cell_typ"
+
+
+def _no_control(adata: ad.AnnData, entry: dict) -> None:
+    entry["columns"]["control"] = "non-targeting"
+
+
+def _duplicate_genes(adata: ad.AnnData, entry: dict) -> None:
+    adata.var_names = ["G0", "G0"] + list(adata.var_names[2:])
+
+
+def _small_condition(adata: ad.AnnData, entry: dict) -> None:
+    # Only 3 cells of P3 in context B.
+    labels = adata.obs["guide_target"].astype(str).to_numpy()
+    idx = np.flatnonzero((labels == "P3") & (adata.obs["cell_line"].to_numpy() == "B"))
+    labels[idx[3:]] = "P2"
+    adata.obs["guide_target"] = labels
+
+
+def _collision(adata: ad.AnnData, entry: dict) -> None:
+    labels = adata.obs["guide_target"].astype(str).replace({"P3": CONTROL})
+    adata.obs["guide_target"] = labels
+
+
+def _missing_layer(adata: ad.AnnData, entry: dict) -> None:
+    entry["layer"] = "counts"
+
+
+BAD_INPUTS = {
+    "non-integer": (_set_value(0.5), "X", ["not integers"]),
+    "negative": (_set_value(-2.0), "X", ["negative"]),
+    "nan": (_set_value(np.nan), "X", ["NaN"]),
+    "inf": (_set_value(np.inf), "X", ["infinite"]),
+    "missing-column": (_missing_column, "columns.context", ["cell_typ", "guide_target", "lane"]),
+    "no-control": (_no_control, "columns.control", ["non-targeting", "NT", "P1"]),
+    "duplicate-genes": (_duplicate_genes, "var_names", ["G0"]),
+    "small-condition": (_small_condition, "min_cells_per_condition", ["B x P3 (3 cells)"]),
+    "control-collision": (_collision, "columns.control", [repr(CONTROL)]),
+    "missing-layer": (_missing_layer, "layer", ["counts"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_clear_error(case):
+    mutate, field, fragments = BAD_INPUTS[case]
+    adata, entry = make_adata(), make_entry()
+    mutate(adata, entry)
+    assert_input_error(lambda: validate_raw(adata, entry, PATH), field, *fragments)
+    assert_input_error(lambda: preprocess(adata, entry, "syn", PATH), field, *fragments)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csc"])
+def test_count_checks_on_dense_and_csc(layout):
+    adata = make_adata()
+    X = adata.X.toarray()
+    X[5, 7] = 1.5
+    adata.X = X if layout == "dense" else sp.csc_matrix(X)
+    assert_input_error(lambda: validate_raw(adata, make_entry(), PATH), "X", "not integers")
+
+
+def test_bad_layer_counts_named_by_layer():
+    adata = make_adata()
+    adata.layers["lognorm"] = np.log1p(adata.X)
+    assert_input_error(lambda: validate_raw(adata, make_entry(layer="lognorm"), PATH),
+                       "layers['lognorm']", "not integers")
+    validate_raw(adata, make_entry(), PATH)  # X itself is fine
+    adata.layers["counts"], adata.X = adata.X, adata.layers["lognorm"]
+    msg = assert_input_error(lambda: validate_raw(adata, make_entry(), PATH), "X", "not integers")
+    assert "'counts'" in msg  # the fix points at the layers the counts may be in
+
+
+def test_empty_after_qc():
+    adata = make_adata()
+    assert_input_error(lambda: preprocess(adata, make_entry(qc={"min_counts_per_cell": 10**9}), "syn", PATH),
+                       "qc", "empty")
+
+
+def test_condition_small_after_qc():
+    adata = make_adata()
+    X = adata.X.toarray()
+    labels = adata.obs["guide_target"].astype(str).to_numpy()
+    in_p1_a = np.flatnonzero((labels == "P1") & (adata.obs["cell_line"].to_numpy() == "A"))
+    X[in_p1_a[:-5]] = 0  # QC will leave 5 cells of A x P1
+    X[in_p1_a[:-5], 0] = 1
+    adata.X = sp.csr_matrix(X)
+    entry = make_entry(qc={"min_counts_per_cell": 5})
+    assert_input_error(lambda: preprocess(adata, entry, "syn", PATH), "min_cells_per_condition",
+                       "A x P1 (5 cells)", "after QC")
+    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 5}, drop_small_conditions=True), "syn", PATH)
+    assert not ((out.obs[CONTEXT_COL] == "A") & (out.obs[PERT_COL] == "P1")).any()
+
+
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
+def test_bad_backed_counts(tmp_path, layout):
+    """Backed X (sparse or dense) is checked block by block from the file."""
+    adata = make_adata()
+    adata.X.data[0] = 0.25
+    if layout == "dense":
+        adata.X = adata.X.toarray()
+    path = str(tmp_path / "raw.h5ad")
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        assert_input_error(lambda: validate_raw(backed, make_entry(), path), "X", "not integers", path=path)
+    finally:
+        backed.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical output
+# ---------------------------------------------------------------------------------------------
+
+
+def test_input_not_modified():
+    adata = make_adata()
+    X_before, obs_before, var_before = adata.X.copy(), adata.obs.copy(), adata.var_names.copy()
+    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 60, "max_pct_mito": 50}), "syn", PATH)
+    assert out is not adata
+    assert (adata.X != X_before).nnz == 0 and adata.X.dtype == np.float32
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    assert adata.var_names.equals(var_before)
+    assert "lingshu" not in adata.uns
+
+
+def test_canonical_columns_and_dtypes():
+    adata = make_adata()
+    out = preprocess(adata, make_entry(), "syn", PATH)
+    assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
+    assert np.array_equal(out.X.toarray(), adata.X.toarray().astype(np.int32))
+    assert set(out.obs[PERT_COL]) == {CONTROL, "P1", "P2", "P3"}
+    assert (out.obs.loc[adata.obs["guide_target"] == "NT", PERT_COL] == CONTROL).all()
+    assert out.obs[CONTEXT_COL].tolist() == adata.obs["cell_line"].tolist()
+    assert out.obs[BATCH_COL].tolist() == adata.obs["lane"].astype(str).tolist()
+    assert all(isinstance(v, str) for v in out.obs[PERT_COL])
+    for col in ("guide_target", "cell_line", "lane"):  # originals kept
+        assert col in out.obs
+    assert out.obs_names.is_unique and out.var_names.is_unique
+    assert out.uns["lingshu"]["dataset"] == "syn"
+    assert out.uns["lingshu"]["control_label"] == "NT"
+    assert out.uns["lingshu"]["perturbation_type"] == "genetic"
+    assert (out.uns["lingshu"]["n_cells_raw"], out.uns["lingshu"]["n_genes_raw"]) == (200, 50)
+
+
+def test_defaults_without_context_and_batch():
+    adata = make_adata()
+    entry = make_entry()
+    entry["columns"] = {"perturbation": "guide_target", "control": "NT"}
+    out = preprocess(adata, entry, "syn", PATH)
+    assert set(out.obs[CONTEXT_COL]) == {"syn"}  # dataset name when no context_label
+    assert out.obs[BATCH_COL].equals(out.obs[CONTEXT_COL])
+    entry["columns"]["context_label"] = "THP-1"
+    assert set(preprocess(adata, entry, "syn", PATH).obs[CONTEXT_COL]) == {"THP-1"}
+
+
+def test_existing_canonical_column_is_kept_aside():
+    adata = make_adata()
+    adata.obs[PERT_COL] = "something else"
+    out = preprocess(adata, make_entry(), "syn", PATH)
+    assert (out.obs[f"{PERT_COL}_original"] == "something else").all()
+    assert set(out.obs[PERT_COL]) == {CONTROL, "P1", "P2", "P3"}
+
+
+def test_duplicate_obs_names_made_unique():
+    adata = make_adata()
+    adata.obs_names = ["same"] * adata.n_obs
+    out = preprocess(adata, make_entry(), "syn", PATH)
+    assert out.obs_names.is_unique
+
+
+def test_gene_list_alignment(tmp_path):
+    adata = make_adata()
+    adata.var["highly_variable"] = np.arange(adata.n_vars) % 2 == 0
+    adata.var["n_cells_raw"] = np.arange(adata.n_vars)
+    genes = ["G10", "NEW1", "G3", "G0", "NEW2"]
+    gene_file = tmp_path / "genes.txt"
+    gene_file.write_text("# panel\n" + "\n".join(genes) + "\n\n")
+    out = preprocess(adata, make_entry(genes=str(gene_file)), "syn", PATH)
+    assert out.var_names.tolist() == genes
+    assert out.X.format == "csr" and out.X.dtype == np.int32
+    dense = out.X.toarray()
+    raw = adata.X.toarray()
+    for j, g in enumerate(genes):
+        if g.startswith("NEW"):
+            assert not dense[:, j].any()
+        else:
+            assert np.array_equal(dense[:, j], raw[:, adata.var_names.get_loc(g)])
+    assert out.var["in_raw_data"].tolist() == [True, False, True, True, False]
+    assert out.uns["lingshu"]["n_genes_zero_filled"] == 2
+    write_h5ad(out, tmp_path / "out.h5ad")  # nullable var columns must be writable
+    back = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert back.var_names.tolist() == genes and back.X.dtype == np.int32
+
+
+def test_gene_list_errors(tmp_path):
+    adata = make_adata()
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(InputError, match="genes.*does not exist"):
+        preprocess(adata, make_entry(genes=missing), "syn", PATH)
+    other = tmp_path / "ensembl.txt"
+    other.write_text("ENSG000001\nENSG000002\n")
+    with pytest.raises(InputError, match="none of the 2 listed genes"):
+        preprocess(adata, make_entry(genes=str(other)), "syn", PATH)
+
+
+def test_qc_removes_low_count_cells_and_genes():
+    adata = make_adata()
+    X = adata.X.toarray()
+    X[:8] = 0
+    X[:8, 0] = 2  # 8 cells with 2 counts
+    X[:, 5] = 0
+    X[0, 5] = 1  # gene G5 seen in one cell
+    adata.X = sp.csr_matrix(X)
+    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 10, "min_cells_per_gene": 3}), "syn", PATH)
+    assert out.n_obs == 192 and not set(adata.obs_names[:8]) & set(out.obs_names)
+    assert "G5" not in out.var_names and out.n_vars == 49
+    assert out.obs["total_counts"].min() >= 10
+
+
+def test_qc_mito():
+    adata = make_adata()
+    X = adata.X.toarray()
+    X[10, -1] = 10_000  # one cell almost all MT-ND1
+    adata.X = sp.csr_matrix(X)
+    out = preprocess(adata, make_entry(qc={"max_pct_mito": 20}), "syn", PATH)
+    assert "cell10" not in out.obs_names and out.n_obs == 199
+    assert out.obs["pct_counts_mt"].max() <= 20
+
+
+def test_drop_small_conditions():
+    adata = make_adata()
+    _small_condition(adata, make_entry())
+    out = preprocess(adata, make_entry(drop_small_conditions=True), "syn", PATH)
+    assert not ((out.obs[CONTEXT_COL] == "B") & (out.obs[PERT_COL] == "P3")).any()
+    assert out.n_obs == 197
+    assert ((out.obs[CONTEXT_COL] == "A") & (out.obs[PERT_COL] == "P3")).sum() == 25
+
+
+def test_read_raw_roundtrip_and_layer(tmp_path):
+    adata = make_adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = np.log1p(adata.X)
+    path = tmp_path / "raw.h5ad"
+    adata.write_h5ad(path)
+    entry = make_entry(layer="counts")
+    raw = read_raw(str(path), entry)
+    assert raw.X is None and list(raw.layers) == ["counts"]  # X (lognorm) was never loaded
+    out = preprocess(raw, entry, "syn", str(path))
+    assert out.X.dtype == np.int32 and out.n_obs == 200
+    lognorm_x = read_raw(str(path), make_entry())
+    assert_input_error(lambda: preprocess(lognorm_x, make_entry(), "syn", str(path)), "X", "not integers",
+                       path=str(path))
+    bad = make_entry()
+    bad["columns"]["batch"] = "plate"
+    assert_input_error(lambda: read_raw(str(path), bad), "columns.batch", "plate", path=str(path))
+    assert_input_error(lambda: read_raw(str(tmp_path / "none.h5ad"), entry), "source", "does not exist",
+                       path=str(tmp_path / "none.h5ad"))
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    assert_input_error(lambda: read_raw(str(tmp_path / "junk.h5ad"), entry), "source", "h5ad",
+                       path=str(tmp_path / "junk.h5ad"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data (skipped when ../shared/data is absent)
+# ---------------------------------------------------------------------------------------------
+
+
+def _real(path: Path) -> str:
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return str(path)
+
+
+def test_papalexi_real():
+    path = _real(PAPALEXI)
+    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": None,
+                                "context_label": "THP-1", "batch": "replicate"},
+                       qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "max_pct_mito": 20})
+    raw = read_raw(path, entry)
+    out = preprocess(raw, entry, "papalexi", path)
+    assert 15_000 < out.n_obs <= 20_729 and out.n_vars == 299
+    assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
+    assert set(out.obs[CONTEXT_COL]) == {"THP-1"}
+    assert set(out.obs[BATCH_COL]) == {"rep_1", "rep_2", "rep_3"}
+    assert (out.obs[PERT_COL] == CONTROL).sum() > 1_500
+    assert out.obs[PERT_COL].nunique() == 26  # 25 targets + control
+
+
+def test_kang_real():
+    path = _real(KANG)
+    entry = make_entry(columns={"perturbation": "condition", "control": "ctrl", "context": "cell_type",
+                                "batch": "donor"}, perturbation_type="stimulation")
+    raw = read_raw(path, entry)
+    out = preprocess(raw, entry, "kang", path)
+    assert out.n_obs == 1_556 and out.n_vars == 1_267
+    assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
+    assert set(out.obs[PERT_COL]) == {CONTROL, "stim"}
+    assert out.obs[CONTEXT_COL].nunique() == 5 and set(out.obs[BATCH_COL]) == {"101", "107"}
+    assert out.uns["lingshu"]["control_label"] == "ctrl"
+    # The file's own `perturbation` column (IFN-beta/control) is not the configured one: kept aside.
+    assert "perturbation_original" in out.obs
+
+
+def test_kang_real_collision():
+    """Configuring control `ctrl` on the column that already says `control` is a collision."""
+    path = _real(KANG)
+    entry = make_entry(columns={"perturbation": "perturbation", "control": "ctrl", "context": "cell_type",
+                                "batch": "donor"})
+    assert_input_error(lambda: read_raw(path, entry), "columns.control", "IFN-beta", path=path)
+
+
+def test_norman_real_lognorm_layer_is_rejected():
+    """Norman's `lognorm_original` layer is log-normalised: named as the counts it must fail clearly."""
+    path = _real(NORMAN)
+    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": "cell_type",
+                                "batch": None}, layer="lognorm_original")
+    raw = read_raw(path, entry)
+    msg = assert_input_error(lambda: preprocess(raw, entry, "norman", path), "layers['lognorm_original']",
+                             "not integers", "log", path=path)
+    assert "`layer`" in msg
+    # Its X holds the recovered integer counts and preprocesses fine.
+    entry["layer"] = None
+    out = preprocess(read_raw(path, entry), entry, "norman", path)
+    assert out.n_obs == 5_961 and out.obs[CONTEXT_COL].nunique() == 4
