@@ -1,0 +1,87 @@
+"""The benchmark report of one dataset: tables, figures and a self-contained HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.io import atomic_path, write_table
+from lingshu.report import figures
+from lingshu.report.html import render_report
+from lingshu.report.tables import (
+    benchmark_table,
+    full_metrics_table,
+    load_ceiling,
+    load_per_condition,
+    paper_table,
+    to_markdown,
+)
+
+__all__ = ["build_report"]
+
+
+def _test_set_size(truth_path: str) -> tuple[int, int]:
+    """(number of test conditions, number of contexts) of the truth file."""
+    truth = ad.read_h5ad(truth_path, backed="r")  # obs only: X stays on disk
+    try:
+        obs = truth.obs[[CONTEXT_COL, PERT_COL]].astype(str)
+    finally:
+        truth.file.close()
+    conditions = obs[obs[PERT_COL] != CONTROL].drop_duplicates()
+    return len(conditions), obs[CONTEXT_COL].nunique()
+
+
+def _write_text(text: str, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def build_report(
+    dataset: str,
+    eval_dirs: dict[str, str],
+    ceiling_dir: str | None,
+    truth_path: str,
+    pred_paths: dict[str, str],
+    outdir: str,
+    benchmark_files: list[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> None:
+    """Build the report of one dataset into ``outdir``.
+
+    Args:
+        dataset: dataset name (title of the page).
+        eval_dirs: model name -> folder written by :func:`lingshu.evaluate.evaluate_to_dir`.
+        ceiling_dir: folder of the ceiling evaluation (``ceiling=True``), or None.
+        truth_path: the truth h5ad (for the test-set size and the delta scatter).
+        pred_paths: model name -> prediction h5ad (for the delta scatter).
+        outdir: receives ``table.tsv``, ``table.md``, ``full_metrics.tsv``, ``benchmarks.tsv``
+            (when benchmark files are given), ``figures/*.png`` and ``report.html``.
+        benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
+        n_boot: bootstrap resamples for the 95% intervals (0: none).
+        seed: seed of the bootstrap (and of the plot jitter).
+    """
+    out = Path(outdir)
+    per_condition = load_per_condition(eval_dirs)
+    ceiling = load_ceiling(ceiling_dir)
+
+    table = paper_table(per_condition, ceiling, n_boot=n_boot, seed=seed)
+    full = full_metrics_table(per_condition, ceiling)
+    write_table(table, out / "table.tsv")
+    _write_text(to_markdown(table), out / "table.md")
+    write_table(full, out / "full_metrics.tsv")
+    benchmarks = benchmark_table(benchmark_files) if benchmark_files else None
+    if benchmarks is not None:
+        write_table(benchmarks, out / "benchmarks.tsv")
+
+    fig_dir = out / "figures"
+    pngs = [fig_dir / "metric_bars.png", fig_dir / "delta_scatter.png", fig_dir / "per_condition_distributions.png"]
+    figures.metric_bars(table, pngs[0])
+    figures.delta_scatter(truth_path, pred_paths, pngs[1])
+    figures.per_condition_distributions(per_condition, pngs[2], seed=seed)
+
+    n_conditions, n_contexts = _test_set_size(truth_path)
+    page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks)
+    _write_text(page, out / "report.html")

@@ -1,0 +1,178 @@
+"""The report page: one self-contained HTML file (figures embedded as base64 PNG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from lingshu.evaluate.perturbation import PAPER_METRICS
+from lingshu.report.tables import (
+    AVERAGE_RANK,
+    AVERAGE_SCORE,
+    CEILING_ROW,
+    VCC_SCORE,
+    best_models,
+    display_table,
+)
+
+METRIC_NOTES = {
+    "DES": "Differential-expression overlap: of the top-k DE genes of the prediction (k = number "
+    "of true DEGs, padj < 0.05, Wilcoxon + BH via pdex), the fraction that are true DEGs "
+    "(cell-eval overlap_at_N). Higher is better.",
+    "PDS": "Perturbation discrimination: 1 - normalised rank of the true perturbation among all "
+    "real perturbation effects, by L1 distance to the predicted effect "
+    "(discrimination_score_l1). Higher is better; 0.5 is chance.",
+    "MAE": "Mean absolute error between predicted and real pseudobulks (mae). Lower is better.",
+    "Spearman #DEG": "Spearman correlation, across all test conditions, of the number of DEGs "
+    "called in the real vs the predicted cells (from de_nsig_counts). Higher is better.",
+    "Spearman LFC": "Spearman correlation of log fold changes on the true DEGs "
+    "(de_spearman_lfc_sig). Higher is better.",
+    "AUPRC": "Area under the precision-recall curve of recovering the true DEGs from the "
+    "prediction's DE p-values (pr_auc). Higher is better.",
+    "Pearson-delta": "Pearson correlation of the predicted and real change from the control "
+    "pseudobulk (pearson_delta). Higher is better.",
+}
+BASELINE_NOTES = {
+    "control_mean": "predicts the control pseudobulk for every perturbation: no effect at all. "
+    "Reference of the paper's average score.",
+    "perturbation_mean": "predicts the mean of the training perturbations (the Virtual Cell "
+    "Challenge cell-mean baseline): the average effect, the same for every perturbation. "
+    "Reference of the VCC score.",
+    "linear": "ridge regression on perturbation / context embeddings (Ahlmann-Eltze et al.): "
+    "simple and hard to beat.",
+}
+SCORE_NOTES = (
+    "<b>Average score</b>: per metric the improvement over control_mean, MAE as (b - m) / b, the "
+    "others as (m - b) / (1 - b), each clipped at 0 (undefined = 0), then averaged over the seven "
+    "metrics. <b>VCC score</b>: the same over DES, PDS and MAE against perturbation_mean. "
+    "<b>Average rank</b>: mean of the seven per-metric ranks (undefined values rank last). "
+    "Brackets: 95% bootstrap interval over test conditions (resampled within each context); "
+    "parentheses: rank among models. The <b>data ceiling</b> is cell-eval's split-half estimate "
+    "of the best score the data allow (Spearman-Brown corrected; none for MAE)."
+)
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f2f2f2; }
+tr.ceiling td { font-style: italic; color: #555; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+dt { font-weight: bold; margin-top: 0.4em; }
+"""
+
+
+def _embed(png: Path) -> str:
+    """An <img> whose source is the PNG itself, so the page stands alone."""
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">'
+
+
+def paper_table_html(table: pd.DataFrame) -> str:
+    """The paper table as HTML, the best model per column in bold, the ceiling row in italics."""
+    shown = display_table(table)
+    best = best_models(table)
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
+    rows = []
+    for _, row in shown.iterrows():
+        cells = []
+        for column in shown.columns:
+            text = html.escape(str(row[column]))
+            if column != "model" and best.get(column) == row["model"]:
+                text = f"<b>{text}</b>"
+            cells.append(f"<td>{text}</td>")
+        css = ' class="ceiling"' if row["model"] == CEILING_ROW else ""
+        rows.append(f"<tr{css}>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _frame_html(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A plain numeric table (full metrics, resources) as HTML."""
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="—", border=0)
+
+
+def _notes_html() -> str:
+    """Definitions of the metrics, the scores and the baselines."""
+    metrics = "".join(
+        f"<dt>{html.escape(label)} <code>{html.escape(column)}</code></dt><dd>{html.escape(METRIC_NOTES[label])}</dd>"
+        for label, column in PAPER_METRICS.items()
+    )
+    baselines = "".join(
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>" for name, text in BASELINE_NOTES.items()
+    )
+    return (
+        f"<h2>Metrics</h2><dl>{metrics}</dl><p>{SCORE_NOTES}</p>"
+        f"<h2>Baselines</h2><dl>{baselines}</dl>"
+    )
+
+
+def _ceiling_sentence(table: pd.DataFrame) -> str:
+    """One line quoting the ceiling of the metrics where it is defined."""
+    ceiling = table[table["model"] == CEILING_ROW]
+    if ceiling.empty:
+        return "<p>The data ceiling was not estimated for this run.</p>"
+    parts = [
+        f"{label} {ceiling[label].iloc[0]:.3f}"
+        for label in PAPER_METRICS
+        if pd.notna(ceiling[label].iloc[0])
+    ]
+    return f"<p><b>Data ceiling</b>: {html.escape(', '.join(parts) or 'undefined for every metric')}.</p>"
+
+
+def render_report(
+    dataset: str,
+    table: pd.DataFrame,
+    full_metrics: pd.DataFrame,
+    figures: list[Path],
+    n_conditions: int,
+    n_contexts: int,
+    benchmarks: pd.DataFrame | None = None,
+) -> str:
+    """The whole page as a string.
+
+    Args:
+        dataset: dataset name for the title.
+        table: :func:`lingshu.report.tables.paper_table`.
+        full_metrics: :func:`lingshu.report.tables.full_metrics_table`.
+        figures: PNG files to embed, in order.
+        n_conditions / n_contexts: size of the test set.
+        benchmarks: :func:`lingshu.report.tables.benchmark_table`, or None.
+    """
+    models = [m for m in table["model"] if m != CEILING_ROW]
+    title = f"lingshu-bench: {dataset}"
+    scores_note = ""
+    if table[AVERAGE_SCORE].isna().all() or table[VCC_SCORE].isna().all():
+        scores_note = (
+            "<p>An empty average score or VCC score means its baseline (control_mean / "
+            "perturbation_mean) was not among the evaluated models.</p>"
+        )
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Dataset <b>{html.escape(dataset)}</b>: {n_conditions} test conditions in "
+        f"{n_contexts} context(s). Models: {html.escape(', '.join(models))}. Metrics by "
+        "cell-eval on log1p(CP10k) expression, real control cells in every prediction; each "
+        "metric is averaged per context, then over contexts.</p>",
+        "<h2>Results (layout of the paper's Table 2)</h2>",
+        paper_table_html(table),
+        f"<p>Best model per column in bold; {html.escape(AVERAGE_RANK)} lower is better.</p>",
+        scores_note,
+        _ceiling_sentence(table),
+        "<h2>Figures</h2>",
+        *(_embed(f) for f in figures),
+        _notes_html(),
+        "<h2>Every cell-eval metric (mean over conditions)</h2>",
+        f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",
+    ]
+    if benchmarks is not None and len(benchmarks):
+        sections += [
+            "<h2>Compute: wall time and peak memory per job</h2>",
+            _frame_html(benchmarks.rename(columns={"wall_s": "wall time (s)", "max_rss_mb": "peak RSS (MB)"}), 1),
+        ]
+    body = "\n".join(s for s in sections if s)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )

@@ -1,0 +1,268 @@
+"""Tests of lingshu.evaluate: cell-eval wiring, summaries, the paper's scores, bootstrap, input errors.
+
+Tiny synthetic data (60 genes, 3 perturbations x 30 cells, 1-2 contexts): cell-eval runs on it in
+a fraction of a second. ``make_truth`` / ``make_prediction`` are reused by test_report.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.errors import InputError
+from lingshu.evaluate import (
+    PAPER_METRICS,
+    average_score,
+    bootstrap_ci,
+    evaluate_predictions,
+    evaluate_to_dir,
+    read_summary,
+    summarize,
+    vcc_score,
+)
+
+PERTS = ("P1", "P2", "P3")
+
+
+def make_truth(
+    contexts=("A",), perts=PERTS, n_genes=60, n_cells=30, n_ctrl=40, seed=0, sparse=False
+) -> ad.AnnData:
+    """Held-out cells + control cells, log1p(CP10k) of Poisson counts; each perturbation
+    multiplies 8 random genes by 0.2 or 4 so that DE finds something."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 2.0, n_genes)
+    blocks, labels = [], []
+    for ctx in contexts:
+        ctx_base = base * rng.lognormal(0.0, 0.2, n_genes)
+        for pert in (CONTROL, *perts):
+            effect = np.ones(n_genes)
+            if pert != CONTROL:
+                effect[rng.choice(n_genes, 8, replace=False)] = rng.choice([0.2, 4.0], 8)
+            n = n_ctrl if pert == CONTROL else n_cells
+            counts = rng.poisson(ctx_base * effect, size=(n, n_genes)).astype(np.float64)
+            library = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+            blocks.append(np.log1p(counts / library * 1e4).astype(np.float32))
+            labels += [(pert, ctx)] * n
+    obs = pd.DataFrame(labels, columns=[PERT_COL, CONTEXT_COL])
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    X = np.vstack(blocks)
+    var = pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])
+    return ad.AnnData(X=sp.csr_matrix(X) if sparse else X, obs=obs, var=var)
+
+
+def make_prediction(truth: ad.AnnData, kind: str) -> ad.AnnData:
+    """A prediction file as the model stages write it (real controls copied in).
+
+    kind: ``perfect`` (the truth itself), ``control_mean`` (each context's control pseudobulk),
+    ``perturbation_mean`` (each context's mean over all its perturbed cells).
+    """
+    pred = truth.copy()
+    X = pred.X.toarray() if sp.issparse(pred.X) else pred.X.copy()
+    obs = pred.obs
+    is_ctrl = (obs[PERT_COL] == CONTROL).to_numpy()
+    if kind != "perfect":
+        for ctx in obs[CONTEXT_COL].unique():
+            in_ctx = (obs[CONTEXT_COL] == ctx).to_numpy()
+            source = in_ctx & is_ctrl if kind == "control_mean" else in_ctx & ~is_ctrl
+            X[in_ctx & ~is_ctrl] = X[source].mean(axis=0)
+    pred.X = X
+    pred.obs["is_real_control"] = is_ctrl
+    pred.uns["lingshu"] = {"model": kind}
+    return pred
+
+
+@pytest.fixture(scope="module")
+def truth() -> ad.AnnData:
+    return make_truth()
+
+
+@pytest.fixture(scope="module")
+def results(truth, tmp_path_factory) -> dict[str, pd.DataFrame]:
+    """Per-condition tables of the three reference predictions on one context."""
+    out = tmp_path_factory.mktemp("eval")
+    return {
+        kind: evaluate_predictions(truth, make_prediction(truth, kind), str(out / kind), progress=False)
+        for kind in ("perfect", "control_mean", "perturbation_mean")
+    }
+
+
+def test_perfect_prediction_scores_perfectly(results):
+    table = results["perfect"]
+    assert list(table.columns[:2]) == [CONTEXT_COL, PERT_COL]
+    assert sorted(table[PERT_COL]) == list(PERTS)
+    # What cell-eval 0.8.2 gives for a prediction equal to the truth:
+    assert np.allclose(table["pearson_delta"], 1.0)
+    assert np.allclose(table["mae"], 0.0)
+    assert np.allclose(table["discrimination_score_l1"], 1.0)
+    assert np.allclose(table["overlap_at_N"], 1.0)
+    assert (table["de_nsig_counts_real"] == table["de_nsig_counts_pred"]).all()
+    for column in PAPER_METRICS.values():
+        assert column == "spearman_nsig" or column in table
+    assert summarize(table)["spearman_nsig"] == pytest.approx(1.0)
+
+
+def test_control_mean_prediction_has_no_signal(results):
+    table = results["control_mean"]
+    # The predicted change from control is float round-off, uncorrelated with the real one.
+    assert abs(table["pearson_delta"].mean()) < 0.5
+    assert table["mae"].min() > 0
+    assert table["overlap_at_N"].mean() < results["perfect"]["overlap_at_N"].mean()
+
+
+def test_writes_per_condition_and_cell_eval_csvs(results, tmp_path_factory, truth):
+    out = tmp_path_factory.mktemp("eval_files")
+    evaluate_predictions(truth, make_prediction(truth, "perfect"), str(out), progress=False)
+    written = pd.read_csv(out / "per_condition.tsv", sep="\t")
+    assert len(written) == len(PERTS)
+    assert (out / "cell_eval" / "A" / "results.csv").exists()
+
+
+def test_two_contexts_sparse_truth(tmp_path):
+    truth = make_truth(contexts=("A", "B/C"), sparse=True)
+    table = evaluate_predictions(truth, make_prediction(truth, "perfect"), str(tmp_path), progress=False)
+    assert len(table) == 2 * len(PERTS)
+    assert set(table[CONTEXT_COL]) == {"A", "B/C"}
+    assert (tmp_path / "cell_eval" / "B_C").is_dir()
+    assert np.allclose(table["pearson_delta"], 1.0)
+
+
+def test_edited_controls_are_replaced_by_the_real_ones(truth, results, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    is_ctrl = (pred.obs[PERT_COL] == CONTROL).to_numpy()
+    pred.X[is_ctrl] = pred.X[is_ctrl] + 1.0  # a model that shifts its controls
+    table = evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+    assert np.allclose(table["pearson_delta"], 1.0)
+
+
+def test_ceiling(truth, tmp_path):
+    table = evaluate_predictions(truth, None, str(tmp_path), ceiling=True, progress=False)
+    assert sorted(table[PERT_COL]) == list(PERTS)
+    agg = pd.read_csv(tmp_path / "ceiling_agg.tsv", sep="\t")
+    assert list(agg[CONTEXT_COL]) == ["A"]
+    assert np.isnan(agg["mae"]).all()  # cell-eval gives error metrics no ceiling
+    assert 0 < agg["pearson_delta"].iloc[0] <= 1
+
+
+def test_evaluate_to_dir_writes_summary(truth, tmp_path):
+    truth_path, pred_path = tmp_path / "truth.h5ad", tmp_path / "control_mean.h5ad"
+    truth.write_h5ad(truth_path)
+    make_prediction(truth, "control_mean").write_h5ad(pred_path)
+    evaluate_to_dir(str(truth_path), str(pred_path), str(tmp_path / "out"), threads=1)
+    summary = read_summary(str(tmp_path / "out"))
+    assert summary["model"] == "control_mean"
+    assert summary["n_conditions"] == len(PERTS)
+    assert summary["seconds"] > 0
+    assert "overlap_at_N" in summary["metrics"] and "spearman_nsig" in summary["metrics"]
+    json.loads((tmp_path / "out" / "summary.json").read_text())  # valid JSON (no NaN tokens)
+
+    evaluate_to_dir(str(truth_path), None, str(tmp_path / "ceiling"), ceiling=True)
+    ceiling = read_summary(str(tmp_path / "ceiling"))
+    assert ceiling["ceiling"] and np.isnan(ceiling["metrics"]["mae"])
+
+
+def test_summarize_balances_contexts():
+    table = pd.DataFrame({
+        CONTEXT_COL: ["A", "A", "A", "B"],
+        PERT_COL: ["x", "y", "z", "x"],
+        "mae": [1.0, 1.0, 1.0, 3.0],
+        "de_nsig_counts_real": [1, 2, 3, 4],
+        "de_nsig_counts_pred": [2, 4, 6, 8],
+    })
+    summary = summarize(table)
+    assert summary["mae"] == pytest.approx(2.0)  # (1 + 3) / 2, not 6 / 4
+    assert summary["spearman_nsig"] == pytest.approx(1.0)
+    assert np.isnan(summarize(table.iloc[:2])["spearman_nsig"])  # < 3 conditions
+
+
+def _summary(des, pds, mae, nsig, lfc, auprc, pdelta) -> dict[str, float]:
+    return dict(zip(PAPER_METRICS.values(), (des, pds, mae, nsig, lfc, auprc, pdelta)))
+
+
+def test_average_score_hand_computed():
+    base = _summary(0.0, 0.5, 0.10, 0.2, 0.1, 0.2, 0.0)
+    model = _summary(0.2, 0.75, 0.05, 0.6, 0.0, np.nan, 0.5)
+    scores = average_score(model, base)
+    expected = {
+        "overlap_at_N": 0.2,  # (0.2 - 0) / (1 - 0)
+        "discrimination_score_l1": 0.5,  # (0.75 - 0.5) / 0.5
+        "mae": 0.5,  # (0.10 - 0.05) / 0.10
+        "spearman_nsig": 0.5,  # (0.6 - 0.2) / 0.8
+        "de_spearman_lfc_sig": 0.0,  # worse than baseline: clipped
+        "pr_auc": 0.0,  # NaN -> 0
+        "pearson_delta": 0.5,
+    }
+    for metric, value in expected.items():
+        assert scores[metric] == pytest.approx(value)
+    assert scores["average_score"] == pytest.approx(sum(expected.values()) / 7)
+    assert average_score(base, base)["average_score"] == 0.0
+
+
+def test_scores_of_real_evaluations(results):
+    summaries = {kind: summarize(table) for kind, table in results.items()}
+    control = summaries["control_mean"]
+    assert average_score(control, control)["average_score"] == 0.0
+    assert average_score(summaries["perfect"], control)["average_score"] > 0.5
+    cell_mean = summaries["perturbation_mean"]
+    perfect_vcc = vcc_score(summaries["perfect"], cell_mean)
+    assert perfect_vcc["vcc_score"] > vcc_score(cell_mean, cell_mean)["vcc_score"] == 0.0
+    assert set(perfect_vcc) == {"overlap_at_N", "discrimination_score_l1", "mae", "vcc_score"}
+
+
+def test_bootstrap_ci_contains_mean_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame({
+        CONTEXT_COL: ["A"] * 20 + ["B"] * 10,
+        PERT_COL: [f"p{i}" for i in range(30)],
+        "mae": rng.normal(1.0, 0.3, 30),
+        "de_nsig_counts_real": rng.integers(0, 50, 30),
+    })
+    table["de_nsig_counts_pred"] = table["de_nsig_counts_real"] + rng.integers(0, 10, 30)
+    low, high = bootstrap_ci(table, "mae", n_boot=500, seed=3)
+    assert low < summarize(table)["mae"] < high
+    assert (low, high) == bootstrap_ci(table, "mae", n_boot=500, seed=3)
+    assert (low, high) != bootstrap_ci(table, "mae", n_boot=500, seed=4)
+    s_low, s_high = bootstrap_ci(table, "spearman_nsig", n_boot=200, seed=0)
+    assert s_low <= summarize(table)["spearman_nsig"] <= s_high
+    assert np.isnan(bootstrap_ci(table, "mae", n_boot=0)[0])
+
+
+def test_gene_order_mismatch_raises(truth, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    pred = pred[:, pred.var_names[::-1]].copy()
+    with pytest.raises(InputError, match="var_names"):
+        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+
+
+def test_missing_control_raises(truth, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    pred = pred[pred.obs[PERT_COL] != CONTROL].copy()
+    with pytest.raises(InputError, match="control"):
+        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+
+
+def test_missing_perturbation_raises(truth, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    pred = pred[pred.obs[PERT_COL] != "P2"].copy()
+    with pytest.raises(InputError, match="P2"):
+        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+
+
+def test_control_count_mismatch_raises(truth, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    drop = pred.obs_names[(pred.obs[PERT_COL] == CONTROL).to_numpy()][:5]
+    pred = pred[~pred.obs_names.isin(drop)].copy()
+    with pytest.raises(InputError, match="control cells"):
+        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+
+
+def test_raw_counts_raise(truth, tmp_path):
+    pred = make_prediction(truth, "perfect")
+    pred.X = np.round(np.expm1(pred.X))
+    with pytest.raises(InputError, match="integer counts|log1p"):
+        evaluate_predictions(truth, pred, str(tmp_path), progress=False)

@@ -1,0 +1,103 @@
+"""Tests of lingshu.report: every output file from tiny evaluations, table layout, HTML content."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lingshu.evaluate import PAPER_METRICS, evaluate_to_dir
+from lingshu.io import read_table
+from lingshu.report import build_report
+from lingshu.report.tables import benchmark_table, paper_table, to_markdown
+from test_evaluate import make_prediction, make_truth
+
+MODELS = ("control_mean", "perturbation_mean", "perfect")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Truth, predictions and evaluation folders (models + ceiling) on two tiny contexts."""
+    root = tmp_path_factory.mktemp("report_inputs")
+    truth = make_truth(contexts=("A", "B"), perts=("P1", "P2", "P3", "P4"))
+    truth_path = root / "truth.h5ad"
+    truth.write_h5ad(truth_path)
+    pred_paths, eval_dirs = {}, {}
+    for model in MODELS:
+        pred_paths[model] = str(root / f"{model}.h5ad")
+        make_prediction(truth, model).write_h5ad(pred_paths[model])
+        eval_dirs[model] = str(root / "eval" / model)
+        evaluate_to_dir(str(truth_path), pred_paths[model], eval_dirs[model])
+    ceiling_dir = str(root / "eval" / "ceiling")
+    evaluate_to_dir(str(truth_path), None, ceiling_dir, ceiling=True)
+    bench = root / "benchmarks"
+    bench.mkdir()
+    for model in MODELS:  # the workflow's layout: benchmarks/<rule>_<model>.tsv
+        (bench / f"evaluate_{model}.tsv").write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+            "12.5\t0:00:12\t512.3\t900.1\t500.0\t505.0\t1.0\t2.0\t95.0\t11.9\n"
+        )
+    benchmark_files = sorted(str(p) for p in bench.iterdir()) + [str(bench / "not_run.tsv")]
+    return dict(truth_path=str(truth_path), pred_paths=pred_paths, eval_dirs=eval_dirs,
+                ceiling_dir=ceiling_dir, benchmark_files=benchmark_files)
+
+
+@pytest.fixture(scope="module")
+def report_dir(evaluated, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    build_report("tiny", evaluated["eval_dirs"], evaluated["ceiling_dir"], evaluated["truth_path"],
+                 evaluated["pred_paths"], str(out), benchmark_files=evaluated["benchmark_files"],
+                 n_boot=100, seed=0)
+    return out
+
+
+def test_report_writes_every_file(report_dir):
+    for name in ("table.tsv", "table.md", "full_metrics.tsv", "benchmarks.tsv", "report.html",
+                 "figures/metric_bars.png", "figures/delta_scatter.png",
+                 "figures/per_condition_distributions.png"):
+        path = report_dir / name
+        assert path.exists() and path.stat().st_size > 0, name
+
+
+def test_table_layout(report_dir):
+    table = read_table(report_dir / "table.tsv")
+    assert list(table["model"]) == [*MODELS, "data ceiling"]
+    for label in PAPER_METRICS:
+        assert {label, f"{label} low", f"{label} high", f"{label} rank"} <= set(table.columns)
+    models = table.set_index("model")
+    assert models.loc["perfect", "MAE rank"] == 1  # MAE ranks ascending
+    assert models.loc["perfect", "Pearson-delta rank"] == 1  # others descending
+    assert models.loc["perfect", "average rank"] == models["average rank"].min()
+    assert models.loc["control_mean", "average score"] == 0.0
+    assert models.loc["perturbation_mean", "VCC score"] == 0.0
+    assert models.loc["perfect", "VCC score"] > 0
+    assert np.isnan(models.loc["data ceiling", "MAE rank"])  # the ceiling is not ranked
+    full = read_table(report_dir / "full_metrics.tsv")
+    assert {"overlap_at_N", "clustering_agreement", "spearman_nsig"} <= set(full.columns)
+
+
+def test_html_mentions_every_model(report_dir):
+    page = (report_dir / "report.html").read_text()
+    for model in MODELS:
+        assert model in page
+    assert "data:image/png;base64," in page
+    assert "tiny" in page and "8 test conditions" in page
+    assert "evaluate_perfect" in page and "not_run" not in page  # jobs named from their files
+
+
+def test_markdown_bolds_best_and_handles_missing_baselines(evaluated):
+    per_condition = {m: read_table(f"{d}/per_condition.tsv") for m, d in evaluated["eval_dirs"].items()}
+    table = paper_table({"perfect": per_condition["perfect"]}, None, n_boot=0)
+    assert np.isnan(table["average score"]).all()  # no control_mean baseline to score against
+    markdown = to_markdown(table)
+    assert markdown.count("\n") == 3 and "**" in markdown
+
+
+def test_benchmark_table_names_jobs(tmp_path):
+    for rule in ("split", "train"):
+        (tmp_path / "bench" / rule).mkdir(parents=True)
+        (tmp_path / "bench" / rule / "kang.tsv").write_text("s\tmax_rss\n3.0\t100\n5.0\t-\n")
+    table = benchmark_table([str(p) for p in sorted((tmp_path / "bench").rglob("*.tsv"))])
+    assert list(table["job"]) == ["split/kang", "train/kang"]
+    assert table["wall_s"].tolist() == [4.0, 4.0]
+    assert table["max_rss_mb"].tolist() == [100.0, 100.0]
