@@ -1,5 +1,5 @@
 # lingshu-bench: raw counts -> checked AnnData -> split -> models -> predictions -> metrics -> report.
-# Config says what to run (config/config.yaml); profiles say where (workflow/profiles/).
+# Config says what to run (config/config.yaml); profiles say where (profiles/).
 from snakemake.utils import min_version, validate
 
 from lingshu.config import validate_config
