@@ -36,8 +36,8 @@ METRIC_NOTES = {
     "pseudobulk (pearson_delta). Higher is better.",
 }
 BASELINE_NOTES = {
-    "control_mean": "predicts the control pseudobulk for every perturbation: no effect at all. "
-    "Reference of the paper's average score.",
+    "control_mean": "predicts no effect: the context's real control cells, resampled, so its "
+    "pseudobulk is the control pseudobulk. Reference of the paper's average score.",
     "perturbation_mean": "predicts the mean of the training perturbations (the Virtual Cell "
     "Challenge cell-mean baseline): the average effect, the same for every perturbation. "
     "Reference of the VCC score.",
