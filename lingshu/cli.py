@@ -129,7 +129,8 @@ def cmd_report(args) -> None:
     preds = dict(pair.split("=", 1) for pair in args.pred)
     build_report(dataset=args.dataset, eval_dirs=eval_dirs, ceiling_dir=args.ceiling_dir,
                  truth_path=args.truth, pred_paths=preds, outdir=args.outdir,
-                 benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed)
+                 benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed,
+                 features_used=args.features_used)
 
 
 def cmd_index(args) -> None:
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", nargs="+", required=True, metavar="MODEL=H5AD")
     p.add_argument("--ceiling-dir")
     p.add_argument("--benchmarks", nargs="*", default=[])
+    p.add_argument("--features-used", help="a predictions/<model>.features.tsv")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outdir", required=True)

@@ -45,10 +45,17 @@ def evaluated(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report_dir(evaluated, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
+    features = out / "features_used.tsv"
+    features.write_text("context\tperturbation\tsource\nA\tP1\ttarget_pca\nA\tP2\tunknown\n")
     build_report("tiny", evaluated["eval_dirs"], evaluated["ceiling_dir"], evaluated["truth_path"],
                  evaluated["pred_paths"], str(out), benchmark_files=evaluated["benchmark_files"],
-                 n_boot=100, seed=0)
+                 n_boot=100, seed=0, features_used=str(features))
     return out
+
+
+def test_report_marks_conditions_predicted_without_target_information(report_dir):
+    page = (report_dir / "report.html").read_text()
+    assert "1 of 2 test conditions were predicted without target information" in page
 
 
 def test_report_writes_every_file(report_dir):

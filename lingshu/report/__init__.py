@@ -7,7 +7,7 @@ from pathlib import Path
 import anndata as ad
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.io import atomic_path, write_table
+from lingshu.io import atomic_path, read_table, write_table
 from lingshu.report import figures
 from lingshu.report.html import render_report
 from lingshu.report.tables import (
@@ -48,6 +48,7 @@ def build_report(
     benchmark_files: list[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    features_used: str | None = None,
 ) -> None:
     """Build the report of one dataset into ``outdir``.
 
@@ -62,6 +63,8 @@ def build_report(
         benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
         n_boot: bootstrap resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap (and of the plot jitter).
+        features_used: a ``predictions/<model>.features.tsv`` (the same for every model), shown
+            as the table of which perturbation features each test condition got.
     """
     out = Path(outdir)
     per_condition = load_per_condition(eval_dirs)
@@ -83,5 +86,7 @@ def build_report(
     figures.per_condition_distributions(per_condition, pngs[2], seed=seed)
 
     n_conditions, n_contexts = _test_set_size(truth_path)
-    page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks)
+    features = read_table(features_used) if features_used else None
+    page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
+                         features)
     _write_text(page, out / "report.html")

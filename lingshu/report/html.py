@@ -130,6 +130,7 @@ def render_report(
     n_conditions: int,
     n_contexts: int,
     benchmarks: pd.DataFrame | None = None,
+    features_used: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -140,6 +141,8 @@ def render_report(
         figures: PNG files to embed, in order.
         n_conditions / n_contexts: size of the test set.
         benchmarks: :func:`lingshu.report.tables.benchmark_table`, or None.
+        features_used: per test condition, the source of the perturbation features every
+            model was given (``file``, ``target_pca``, ``unknown``), or None.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -166,6 +169,17 @@ def render_report(
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",
     ]
+    if features_used is not None and len(features_used):
+        unknown = int((features_used["source"] == "unknown").sum())
+        sections += [
+            "<h2>Perturbation features given to the models</h2>",
+            f"<p>{unknown} of {len(features_used)} test conditions were predicted without "
+            "target information (<code>unknown</code>: no feature-table row and no target gene in "
+            "the panel); <code>target_pca</code>: the target genes' loadings on the top "
+            "principal components of the training cells; <code>file</code>: the configured "
+            "feature table. Perturbations seen in other contexts are also known by identity.</p>",
+            f"<details><summary>show</summary>{_frame_html(features_used)}</details>",
+        ]
     if benchmarks is not None and len(benchmarks):
         sections += [
             "<h2>Compute: wall time and peak memory per job</h2>",

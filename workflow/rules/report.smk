@@ -13,6 +13,9 @@ rule report:
         ceiling=lambda w: (
             [f"{R}/{w.dataset}/eval/ceiling/summary.json"] if config["ceiling"] else []
         ),
+        features_used=lambda w: (
+            f"{R}/{w.dataset}/predictions/{models_of(w.dataset)[0]}.features.tsv"
+        ),
     output:
         html=f"{R}/{{dataset}}/report/report.html",
         table=f"{R}/{{dataset}}/report/table.tsv",
@@ -42,6 +45,7 @@ rule report:
     shell:
         "python -m lingshu report --dataset {wildcards.dataset} --truth {input.truth} "
         "--eval {params.evals} --pred {params.preds} {params.ceiling} "
+        "--features-used {input.features_used} "
         "--benchmarks {params.benchmarks} --bootstrap {params.bootstrap} "
         "--seed {params.seed} --outdir {params.outdir} > {log} 2>&1"
 
