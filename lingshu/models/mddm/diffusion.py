@@ -1,0 +1,151 @@
+"""The masked discrete diffusion process (SPEC 1.3, 1.4): masking, loss and sampler.
+
+No network code lives here: the sampler sees the model only as
+``model_fn(tokens, cond) -> logits``. For a :class:`~lingshu.models.mddm.network.LingshuNetwork`
+``net`` that is ``lambda x, cond: net(x, **(cond or {}))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS
+
+ModelFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def mask_tokens(tokens: torch.Tensor, generator: torch.Generator, eps: float = 1e-3):
+    """The forward process: mask each gene of each cell independently with probability t.
+
+    tokens: (B, G) long expression tokens. generator: on the tokens' device.
+    t is drawn per cell as t = eps + (1 - eps) * u, u ~ U(0, 1) (LLaDA), so t lies in [eps, 1]
+    and the 1/t loss weight stays bounded.
+    Returns noisy_tokens (B, G) long with MASK_TOKEN at masked genes, mask (B, G) bool, t (B,).
+    """
+    B, G = tokens.shape
+    u = torch.rand(B, generator=generator, device=tokens.device)  # (B,)
+    t = eps + (1.0 - eps) * u  # (B,)
+    mask = torch.rand(B, G, generator=generator, device=tokens.device) < t[:, None]  # (B, G)
+    noisy = torch.where(mask, torch.full_like(tokens, MASK_TOKEN), tokens)  # (B, G)
+    return noisy, mask, t
+
+
+def diffusion_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The MDLM / LLaDA bound: cross-entropy on masked genes only, weighted by 1/t.
+
+    logits: (B, G, 281); tokens: (B, G) long clean tokens; mask: (B, G) bool; t: (B,).
+    loss = mean over cells of [ sum over masked genes of CE / t ] / G  (divided by the number
+    of genes, not the number of masked genes). Logits at unmasked genes are never read.
+    Returns a scalar (float32).
+    """
+    B, G, V = logits.shape
+    ce = F.cross_entropy(logits[mask].float(), tokens[mask], reduction="none")  # (M,) M = masked genes
+    weight = (1.0 / t.float())[:, None].expand(B, G)[mask]  # (M,)
+    return (ce * weight).sum() / (B * G)
+
+
+def _masked_after(n_masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """How many genes stay masked after ``step`` of ``steps``: round(n * cos(pi/2 * step/steps))."""
+    if step >= steps:
+        return torch.zeros_like(n_masked)
+    return torch.round(n_masked.double() * math.cos(math.pi / 2 * step / steps)).long()
+
+
+def unmask_schedule(n_genes: int, steps: int) -> list[int]:
+    """Genes to unmask at each of ``steps`` sampling steps (cosine schedule, MaskGIT / SPEC 1.4).
+
+    The masked fraction after step s is cos(pi/2 * s/N): few genes early, many late.
+    Returns a list of N ints >= 0 that sums exactly to ``n_genes``.
+    """
+    if steps < 1 or n_genes < 0:
+        raise ValueError(f"unmask_schedule: need steps >= 1 and n_genes >= 0, got {steps} and {n_genes}")
+    n = torch.tensor([n_genes])
+    masked = [int(_masked_after(n, s, steps)) for s in range(steps + 1)]  # masked[0] = n_genes, masked[N] = 0
+    return [masked[s] - masked[s + 1] for s in range(steps)]
+
+
+def guided_logits(model_fn: ModelFn, tokens: torch.Tensor, cond: Any, uncond: Any, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance on logits, the control condition as the unconditional branch:
+    l(x, uncond) + (w + 1) * (l(x, cond) - l(x, uncond)). w = 0 calls the model once and
+    returns l(x, cond) exactly. tokens: (B, G). Returns (B, G, 281)."""
+    logits = model_fn(tokens, cond)  # (B, G, 281)
+    if guidance == 0:
+        return logits
+    if uncond is None:
+        raise ValueError("classifier-free guidance (guidance != 0) needs `uncond`, the control condition")
+    base = model_fn(tokens, uncond)  # (B, G, 281)
+    return base + (guidance + 1.0) * (logits - base)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    n_cells: int,
+    n_genes: int,
+    steps: int,
+    generator: torch.Generator,
+    cond: Any = None,
+    uncond: Any = None,
+    guidance: float = 0.0,
+    fixed_tokens: torch.Tensor | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate cells by iterative unmasking (SPEC 1.4).
+
+    model_fn: ``model_fn(tokens (B, G) long, cond) -> logits (B, G, 281)``; ``cond`` and
+        ``uncond`` are opaque (e.g. dicts of condition tensors) and passed through unchanged.
+    n_cells, n_genes: B and G. steps: N. generator: drives every random choice; the tokens live
+        on its device.
+    guidance: w of classifier-free guidance (:func:`guided_logits`); w = 0 skips the ``uncond``
+        pass and gives exactly conditional sampling.
+    fixed_tokens, fixed_mask: prior injection: where ``fixed_mask`` (broadcastable to (B, G),
+        bool) is True the token is ``fixed_tokens`` (broadcastable to (B, G), in 0..280) from the
+        start and never changes.
+    progress: show a tqdm bar.
+
+    Every cell starts all-masked except its fixed genes. At step s the cosine schedule sets how
+    many genes stay masked (round(n * cos(pi/2 * s/N)), n = the cell's free genes, as in
+    :func:`unmask_schedule`); that many masked genes are chosen uniformly at random and their
+    tokens drawn from softmax(logits), no temperature, no top-k. A step that unmasks no gene in
+    any cell skips the model call. Returns tokens (B, G) long with no MASK_TOKEN left.
+    """
+    if steps < 1:
+        raise ValueError(f"sample: steps must be >= 1, got {steps}")
+    device = generator.device
+    x = torch.full((n_cells, n_genes), MASK_TOKEN, dtype=torch.long, device=device)  # (B, G)
+    if fixed_mask is not None:
+        if fixed_tokens is None:
+            raise ValueError("sample: fixed_mask given without fixed_tokens")
+        fixed_mask = torch.as_tensor(fixed_mask, dtype=torch.bool, device=device).expand(n_cells, n_genes)  # (B, G)
+        fixed_tokens = torch.as_tensor(fixed_tokens, dtype=torch.long, device=device).expand(n_cells, n_genes)
+        if bool(((fixed_tokens[fixed_mask] < 0) | (fixed_tokens[fixed_mask] >= N_EXPR_TOKENS)).any()):
+            raise ValueError(f"sample: fixed tokens must be expression tokens 0..{N_EXPR_TOKENS - 1}")
+        x = torch.where(fixed_mask, fixed_tokens, x)
+    n_free = (x == MASK_TOKEN).sum(1)  # (B,) genes to generate per cell
+
+    bar = range(1, steps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc="unmasking", unit="step")
+    for s in bar:
+        masked = x == MASK_TOKEN  # (B, G)
+        n_unmask = masked.sum(1) - _masked_after(n_free, s, steps)  # (B,) from the cosine schedule
+        if not bool((n_unmask > 0).any()):
+            continue
+        # uniform random choice among masked genes: rank random scores, masked genes first
+        scores = torch.rand(n_cells, n_genes, generator=generator, device=device)  # (B, G) in [0, 1)
+        scores = torch.where(masked, scores, torch.full_like(scores, 2.0))  # unmasked genes last
+        order = scores.argsort(dim=1)  # (B, G)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_genes, device=device).expand_as(order))
+        chosen = rank < n_unmask[:, None]  # (B, G)
+
+        logits = guided_logits(model_fn, x, cond, uncond, guidance)  # (B, G, 281)
+        probs = torch.softmax(logits[chosen].float(), dim=-1)  # (K, 281), K = genes unmasked now
+        x[chosen] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (K,)
+    return x

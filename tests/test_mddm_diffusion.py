@@ -1,0 +1,188 @@
+"""The masked diffusion process (SPEC 1.3, 1.4): masking, the LLaDA loss, the schedule, the sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample, unmask_schedule
+from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
+from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS
+
+V = N_EXPR_TOKENS
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# -- forward process and loss ------------------------------------------------------------------
+
+
+def test_mask_tokens_masks_with_probability_t():
+    tokens = torch.randint(0, V, (64, 500), generator=gen(1))
+    noisy, mask, t = mask_tokens(tokens, gen(2))
+    assert noisy.shape == tokens.shape and mask.dtype == torch.bool and t.shape == (64,)
+    assert ((t > 0) & (t <= 1)).all()
+    assert torch.equal(noisy[mask], torch.full_like(noisy[mask], MASK_TOKEN))
+    assert torch.equal(noisy[~mask], tokens[~mask])
+    assert (mask.float().mean(1) - t).abs().max() < 0.1  # 500 genes per cell: binomial spread ~0.02
+    again = mask_tokens(tokens, gen(2))
+    assert all(torch.equal(a, b) for a, b in zip((noisy, mask, t), again))
+
+
+def test_loss_equals_hand_computed_value():
+    logits = torch.zeros(2, 3, V)
+    logits[0, 0, 5] = 2.0
+    logits[0, 1, 7] = 1.0
+    logits[1, 2, 0] = 3.0
+    tokens = torch.tensor([[5, 3, 9], [1, 1, 0]])
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    # -log softmax(l)[y] with all logits 0 but one equal to a: log((V - 1) + e^a) - l[y]
+    ce00 = math.log(V - 1 + math.exp(2.0)) - 2.0
+    ce01 = math.log(V - 1 + math.exp(1.0)) - 0.0
+    ce12 = math.log(V - 1 + math.exp(3.0)) - 3.0
+    expected = ((ce00 + ce01) / 0.5 / 3 + ce12 / 0.25 / 3) / 2  # / G genes, mean over cells
+    assert diffusion_loss(logits, tokens, mask, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_ignores_unmasked_genes_and_has_gradient_only_there():
+    logits = torch.randn(4, 10, V, generator=gen(3), requires_grad=True)
+    tokens = torch.randint(0, V, (4, 10), generator=gen(4))
+    mask = torch.rand(4, 10, generator=gen(5)) < 0.5
+    t = torch.rand(4, generator=gen(6)) + 0.1
+    loss = diffusion_loss(logits, tokens, mask, t)
+    other = logits.detach().clone()
+    other[~mask] = torch.randn_like(other[~mask]) * 10
+    assert diffusion_loss(other, tokens, mask, t).item() == pytest.approx(loss.item(), rel=1e-6)
+    loss.backward()
+    assert (logits.grad[~mask] == 0).all() and logits.grad[mask].abs().sum() > 0
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_genes, steps", [(30, 3), (18080, 256), (100, 1), (5, 20), (0, 4)])
+def test_unmask_schedule_sums_to_n_genes(n_genes, steps):
+    counts = unmask_schedule(n_genes, steps)
+    assert len(counts) == steps and sum(counts) == n_genes and min(counts) >= 0
+
+
+def test_unmask_schedule_follows_cosine():
+    counts = unmask_schedule(1000, 10)
+    masked_after = 1000 - torch.tensor(counts).cumsum(0)
+    expected = [round(1000 * math.cos(math.pi / 2 * s / 10)) for s in range(1, 11)]
+    assert masked_after.tolist() == expected
+    assert counts[0] < counts[-1]  # few genes first, many last
+
+
+# -- sampler ------------------------------------------------------------------------------------
+
+G, B = 24, 6
+
+
+class FakeModel:
+    """model_fn with logits = a fixed random table (G, V) + a per-condition table; records calls."""
+
+    def __init__(self):
+        self.table = torch.randn(G, V, generator=gen(10)) * 2
+        self.calls = []
+
+    def __call__(self, tokens, cond):
+        self.calls.append((tokens.clone(), cond))
+        shift = torch.randn(G, V, generator=gen(cond["id"])) * 2
+        return (self.table + shift).expand(tokens.shape[0], G, V)
+
+
+def test_sampler_fills_every_mask_following_the_schedule():
+    model, cond = FakeModel(), {"id": 1}
+    steps = 4
+    out = sample(model, B, G, steps, gen(0), cond=cond)
+    assert out.shape == (B, G) and out.dtype == torch.long
+    assert ((out >= 0) & (out < V)).all()
+    assert len(model.calls) == steps
+    masked = [int((tok == MASK_TOKEN).sum(1)[0]) for tok, _ in model.calls] + [0]
+    assert masked[0] == G
+    assert [masked[i] - masked[i + 1] for i in range(steps)] == unmask_schedule(G, steps)
+    assert all(c is cond for _, c in model.calls)  # condition passed through untouched
+    assert cond == {"id": 1}
+
+
+def test_sampler_more_steps_than_genes_skips_empty_steps():
+    model = FakeModel()
+    out = sample(model, 2, G, 64, gen(0), cond={"id": 1})
+    assert (out != MASK_TOKEN).all() and len(model.calls) <= 64
+
+
+def test_sampler_never_changes_fixed_tokens():
+    model = FakeModel()
+    fixed_mask = torch.rand(B, G, generator=gen(7)) < 0.3
+    fixed_tokens = torch.full((B, G), 1)
+    out = sample(model, B, G, 5, gen(0), cond={"id": 1}, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask)
+    assert (out[fixed_mask] == 1).all()
+    for tokens, _ in model.calls:  # fixed from the first call on
+        assert (tokens[fixed_mask] == 1).all()
+    assert (out != MASK_TOKEN).all()
+    # the free genes of each cell follow the schedule of its own number of free genes
+    free = (~fixed_mask).sum(1)
+    first_call_masked = (model.calls[0][0] == MASK_TOKEN).sum(1)
+    assert torch.equal(first_call_masked, free)
+
+
+def test_sampler_unmasks_uniformly_random_positions():
+    model = FakeModel()
+    sample(model, 200, G, 3, gen(0), cond={"id": 1})
+    unmasked_first = (model.calls[1][0] != MASK_TOKEN).float().mean(0)  # (G,) over 200 cells
+    assert (unmasked_first > 0).all()  # every gene position gets chosen somewhere
+
+
+def test_guidance_zero_equals_conditional_sampling():
+    cond, uncond = {"id": 1}, {"id": 2}
+    plain_model, guided_model = FakeModel(), FakeModel()
+    plain = sample(plain_model, B, G, 4, gen(5), cond=cond)
+    guided = sample(guided_model, B, G, 4, gen(5), cond=cond, uncond=uncond, guidance=0.0)
+    assert torch.equal(plain, guided)
+    assert len(guided_model.calls) == 4 and all(c is cond for _, c in guided_model.calls)
+
+
+def test_guidance_positive_differs_and_calls_both_branches():
+    cond, uncond = {"id": 1}, {"id": 2}
+    model = FakeModel()
+    plain = sample(FakeModel(), B, G, 4, gen(5), cond=cond)
+    guided = sample(model, B, G, 4, gen(5), cond=cond, uncond=uncond, guidance=2.0)
+    assert not torch.equal(plain, guided)
+    assert [c["id"] for _, c in model.calls] == [1, 2] * 4
+    with pytest.raises(ValueError):
+        sample(FakeModel(), B, G, 4, gen(5), cond=cond, guidance=2.0)  # no uncond
+
+
+def test_guidance_formula_on_the_logits():
+    # with one gene, one step, and logits that put all mass on a single token per branch,
+    # guided logits l_u + (w+1)(l_c - l_u) pick the conditional token for w >= 0
+    def model_fn(tokens, cond):
+        logits = torch.full((tokens.shape[0], 1, V), -30.0)
+        logits[..., cond] = 0.0
+        logits[..., 3] = -1.0  # shared
+        return logits
+
+    out = sample(model_fn, 50, 1, 1, gen(0), cond=7, uncond=9, guidance=1.0)
+    assert (out == 7).all()
+
+
+def test_sampler_is_deterministic_given_the_generator():
+    a = sample(FakeModel(), B, G, 4, gen(3), cond={"id": 1})
+    b = sample(FakeModel(), B, G, 4, gen(3), cond={"id": 1})
+    c = sample(FakeModel(), B, G, 4, gen(4), cond={"id": 1})
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampler_with_the_real_network():
+    torch.manual_seed(0)
+    net = LingshuNetwork(config_from_preset("tiny", G, n_contexts=2, n_perturbations=3)).eval()
+    cond = {"context": torch.zeros(B, dtype=torch.long), "perturbation": torch.full((B,), 2)}
+    uncond = {"context": torch.zeros(B, dtype=torch.long), "perturbation": torch.zeros(B, dtype=torch.long)}
+    out = sample(lambda x, c: net(x, **c), B, G, 3, gen(0), cond=cond, uncond=uncond, guidance=2.0)
+    assert out.shape == (B, G) and (out < V).all()

@@ -1,0 +1,163 @@
+"""The Lingshu-Cell network (SPEC 1.2) on tiny configs: compression, shapes, conditions."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lingshu.models.mddm.network import (
+    PRESETS,
+    LingshuNetwork,
+    NetworkConfig,
+    config_from_preset,
+    group_genes,
+    ungroup_genes,
+)
+from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS
+
+G = 30  # not a multiple of the tiny group size 4
+
+
+def tiny(**kw) -> LingshuNetwork:
+    torch.manual_seed(0)
+    return LingshuNetwork(config_from_preset("tiny", G, **kw)).eval()
+
+
+def conditional(**kw) -> LingshuNetwork:
+    return tiny(n_contexts=3, n_perturbations=5, **kw)
+
+
+def random_tokens(B=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, MASK_TOKEN + 1, (B, G), generator=gen)  # MASK included
+
+
+def test_group_then_ungroup_is_identity():
+    net = tiny()
+    x = torch.randn(2, G, 5)
+    grouped = group_genes(x, net.gene_perm, torch.full((5,), 7.0), 4)
+    assert grouped.shape == (2, 8, 4 * 5)  # ceil(30/4) = 8 groups
+    assert torch.equal(ungroup_genes(grouped, net.gene_perm_inv, 4), x)
+    # the permutation really permutes and the padding sits in the last group
+    assert not torch.equal(net.gene_perm, torch.arange(G))
+    assert torch.equal(grouped[:, -1, -10:], torch.full((2, 10), 7.0))
+
+
+def test_network_embedding_is_group_genes_of_per_gene_embeddings():
+    net = tiny()
+    tokens = random_tokens()
+    per_gene = net.gene_emb.weight + net.token_emb(tokens)  # (B, G, D)
+    expected = group_genes(per_gene, net.gene_perm, net.pad_emb, 4)
+    assert torch.allclose(net.embed(tokens), expected)
+
+
+def test_permutation_is_saved_and_restored():
+    net = tiny()
+    assert "gene_perm" in net.state_dict()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    other = LingshuNetwork(config_from_preset("tiny", G, seed=123))
+    assert not torch.equal(other.gene_perm, net.gene_perm)
+    other.load_state_dict(torch.load(buf))
+    assert torch.equal(other.gene_perm, net.gene_perm)
+    assert torch.equal(other.gene_perm_inv, net.gene_perm_inv)
+    tokens = random_tokens()
+    assert torch.equal(other.eval()(tokens), net(tokens))
+
+
+def test_unconditional_output_shape_and_refuses_conditions():
+    net = tiny()
+    out = net(random_tokens())
+    assert out.shape == (3, G, N_EXPR_TOKENS)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError):
+        net(random_tokens(), context=torch.zeros(3, dtype=torch.long))
+
+
+def test_each_gene_output_depends_on_its_own_input():
+    # the gene -> group -> gene bookkeeping routes every gene's token back to its own logits
+    net = tiny()
+    tokens = random_tokens(B=1)
+    base = net(tokens)
+    changed = tokens.clone()
+    changed[0, 7] = (changed[0, 7] + 1) % MASK_TOKEN
+    diff = (net(changed) - base).abs().sum(-1)[0]  # (G,)
+    assert diff[7] > 0  # attention mixes groups, so others may move too, but gene 7 must
+
+
+def test_condition_tokens_change_the_output():
+    net = conditional(pert_feature_dim=6)
+    tokens = random_tokens()
+    ctx, pert = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 4])
+    out = net(tokens, ctx, pert)
+    assert out.shape == (3, G, N_EXPR_TOKENS)
+    assert not torch.allclose(out, net(tokens, torch.tensor([1, 2, 0]), pert))
+    assert not torch.allclose(out, net(tokens, ctx, torch.tensor([1, 2, 3])))
+    feats = torch.randn(3, 6)
+    assert not torch.allclose(out, net(tokens, ctx, pert, pert_features=feats))
+    targets = torch.tensor([[4, -1], [5, 9], [-1, -1]])
+    with_targets = net(tokens, ctx, pert, target_genes=targets)
+    assert not torch.allclose(out[:2], with_targets[:2])
+    assert torch.allclose(out[2], with_targets[2])  # no targets (all -1) adds nothing
+    with pytest.raises(ValueError):
+        net(tokens)  # a conditional network needs its conditions
+
+
+def test_target_genes_reach_the_gene_embedding():
+    net = conditional()
+    tokens = random_tokens()
+    out = net(tokens, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+              target_genes=torch.tensor([[4], [4], [4]]))
+    out.sum().backward()
+    assert net.gene_emb.weight.grad is not None and net.target_proj.weight.grad.abs().sum() > 0
+
+
+def test_no_bias_in_blocks_and_block_size_of_paper_preset():
+    net = tiny()
+    names = [n for n, _ in net.blocks.named_parameters()]
+    assert names and not any(n.endswith("bias") for n in names)
+    assert all(not m.bias for m in net.blocks.modules() if isinstance(m, torch.nn.Linear))
+    # the paper's backbone is about 85M parameters (SPEC 1.2); count it without building it
+    cfg = config_from_preset("paper", 18080)
+    D, F_ = cfg.d_model, cfg.d_ff
+    assert 84e6 < cfg.n_layers * (4 * D * D + 3 * D * F_ + 2 * D) < 86e6
+    assert cfg.n_groups == 2260 and config_from_preset("paper_s32", 18080).n_groups == 565
+    assert net.num_parameters(blocks_only=True) < net.num_parameters()
+    assert net.estimate_flops_per_cell() > 0
+
+
+def test_attention_goes_through_sdpa(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("is_causal", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    tiny()(random_tokens())
+    assert calls == [False] * PRESETS["tiny"]["n_layers"]  # bidirectional, once per layer
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        NetworkConfig(n_genes=10, d_model=30, n_heads=4)
+    with pytest.raises(ValueError):
+        NetworkConfig(n_genes=10, n_contexts=2, n_perturbations=0)
+    with pytest.raises(ValueError):
+        config_from_preset("huge", 10)
+    with pytest.raises(ValueError):
+        tiny()(torch.zeros(2, G + 1, dtype=torch.long))
+
+
+def test_backward_reaches_every_parameter():
+    net = conditional(pert_feature_dim=4).train()
+    out = net(random_tokens(), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]),
+              pert_features=torch.randn(3, 4), target_genes=torch.tensor([[1], [2], [-1]]))
+    out.square().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not missing, missing
