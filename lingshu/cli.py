@@ -87,14 +87,43 @@ def cmd_truth(args) -> None:
     write_h5ad(build_truth(adata, split), args.out)
 
 
-def cmd_fit(args) -> None:
-    from lingshu.models.registry import build_model
+def _limit_threads(threads: int) -> None:
+    """Keep torch (when a model uses it) to the job's threads."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, threads))
+
+
+def _training_data(args, include_control_input: bool = False):
     from lingshu.stages import read_features, training_data
 
     adata, split = _load(args.processed, args.cells, args.conditions)
+    return training_data(adata, split, read_features(args.features), seed=args.seed,
+                         entry=_json(args.entry), workdir=args.workdir, threads=args.threads,
+                         include_control_input=include_control_input)
+
+
+def cmd_pretrain(args) -> None:
+    from lingshu.models.registry import PRETRAINING, build_model
+
+    if args.model not in PRETRAINING:
+        raise InputError(f"command line: --model {args.model}: this model has no pre-training "
+                         f"stage. Fix: use one of {sorted(PRETRAINING)}")
     model = build_model(args.model, _json(args.params))
+    _limit_threads(args.threads)
+    model.pretrain(_training_data(args, include_control_input=True), args.out)
+
+
+def cmd_fit(args) -> None:
+    from lingshu.models.registry import build_model
+
+    model = build_model(args.model, _json(args.params))
+    _limit_threads(args.threads)
+    data = _training_data(args)
     start = time.perf_counter()
-    model.fit(training_data(adata, split, read_features(args.features), seed=args.seed))
+    if args.init:
+        model.fit(data, init=args.init)
+    else:
+        model.fit(data)
     log.info("fit %s in %.1f s", args.model, time.perf_counter() - start)
     model.save(args.out)
 
@@ -109,6 +138,7 @@ def cmd_predict(args) -> None:
     adata, split = _load(args.processed, args.cells, args.conditions)
     truth = ad.read_h5ad(args.truth)
     model = load_model(args.model_file)
+    _limit_threads(args.threads)
     pred = predict_conditions(model, adata, split, truth, seed=args.seed)
     write_h5ad(pred, args.out)
     write_features_used(read_features(args.features), split.test_conditions(),
@@ -190,13 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--out", required=True)
 
+    def add_fit_args(p):
+        add_data_args(p)
+        p.add_argument("--model", required=True)
+        p.add_argument("--params", default="{}")
+        p.add_argument("--features", required=True)
+        p.add_argument("--entry", default="{}", help="JSON of the dataset entry")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--workdir", help="folder for resumable training state")
+        p.add_argument("--out", required=True)
+
+    p = add("pretrain", cmd_pretrain, "unconditional pre-training (models that have it)")
+    add_fit_args(p)
+
     p = add("fit", cmd_fit, "fit a model on the training cells")
-    add_data_args(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--params", default="{}")
-    p.add_argument("--features", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    add_fit_args(p)
+    p.add_argument("--init", help="pre-trained weights to start from")
 
     p = add("predict", cmd_predict, "predict every held-out condition")
     add_data_args(p)
@@ -204,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-file", required=True)
     p.add_argument("--features", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--features-used", required=True)
 

@@ -55,13 +55,36 @@ def compute_features(adata: ad.AnnData, split: Split, entry: dict, n_components:
     )
 
 
+def perturbation_targets(labels, genes, entry: dict) -> dict[str, list[str]]:
+    """Each perturbation's target genes that are in the panel (genetic data only)."""
+    if entry.get("perturbation_type", "genetic") != "genetic":
+        return {str(p): [] for p in labels}
+    panel = set(map(str, genes))
+    sep = entry.get("combo_separator", "+")
+    return {str(p): [t for t in str(p).split(sep) if t in panel] for p in labels}
+
+
 def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None,
-                  seed: int) -> TrainingData:
-    """The training cells' counts and labels, with the shared perturbation features."""
-    train = _rows(adata, split, SPLIT_TRAIN)
+                  seed: int, entry: dict | None = None, workdir: str | None = None,
+                  threads: int = 1, include_control_input: bool = False) -> TrainingData:
+    """The training cells' counts and labels, with the shared perturbation features.
+
+    include_control_input: also hand over the control input cells (for unconditional
+    pre-training on every cell that is not held-out truth).
+    """
+    from pathlib import Path
+
+    entry = entry or {}
+    train = _rows(adata, split, SPLIT_TRAIN)  # also checks that the split matches the data
+    if include_control_input:
+        train = np.union1d(train, _rows(adata, split, SPLIT_CONTROL_INPUT))
     obs = adata.obs.iloc[train][[PERT_COL, CONTEXT_COL]].astype(str).reset_index(drop=True)
+    labels = sorted(set(adata.obs[PERT_COL].astype(str)))
     return TrainingData(counts=_counts(adata, train), obs=obs,
-                        genes=adata.var_names.to_numpy(), features=features, seed=seed)
+                        genes=adata.var_names.to_numpy(), features=features, seed=seed,
+                        targets=perturbation_targets(labels, adata.var_names, entry),
+                        perturbation_type=entry.get("perturbation_type", "genetic"),
+                        workdir=Path(workdir) if workdir else None, threads=threads)
 
 
 def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,12 @@ class TrainingData:
     features: perturbation features for every perturbation the model may be asked about
         (index = perturbation label; see :mod:`lingshu.models.features`), or None.
     seed: the seed every random choice of the model derives from.
+    targets: perturbation label -> its target genes that are in the panel (genetic
+        perturbations; empty for stimulations and for targets outside the panel), for every
+        perturbation of the dataset, held-out ones included (labels are known at prediction).
+    perturbation_type: ``genetic`` or ``stimulation`` (the dataset entry's).
+    workdir: a folder the model may keep resumable training state in (or None).
+    threads: CPU threads the model may use.
     """
 
     counts: sp.csr_matrix
@@ -39,6 +45,10 @@ class TrainingData:
     genes: np.ndarray
     features: pd.DataFrame | None
     seed: int = 0
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    perturbation_type: str = "genetic"
+    workdir: Path | None = None
+    threads: int = 1
 
 
 @dataclass

@@ -1,26 +1,42 @@
-"""Model registry: a new model is one module plus one line here (and one config block)."""
+"""Model registry: a new model is one module plus one line here (and one config block).
+
+Classes are imported on first use, so that the baselines' jobs never pay for importing torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from lingshu.models.base import PerturbationModel, load_state
-from lingshu.models.baselines import ControlMean, LinearModel, PerturbationMean
 
-MODELS: dict[str, type[PerturbationModel]] = {
-    cls.name: cls for cls in (ControlMean, PerturbationMean, LinearModel)
+MODELS: dict[str, str] = {
+    "control_mean": "lingshu.models.baselines:ControlMean",
+    "perturbation_mean": "lingshu.models.baselines:PerturbationMean",
+    "linear": "lingshu.models.baselines:LinearModel",
+    "lingshu": "lingshu.models.lingshu_cell:LingshuCell",
 }
+BASELINES = ("control_mean", "perturbation_mean", "linear")
+
+# Models with an unconditional pre-training stage of their own (a pipeline rule before fit).
+PRETRAINING = {"lingshu"}
 
 # Resource keys of a model's config block, consumed by Snakemake, not by the model.
 RESOURCE_KEYS = {"threads", "mem_mb", "gpu"}
 
 
-def build_model(name: str, params: dict[str, Any] | None = None) -> PerturbationModel:
-    """Instantiate a registered model with its config parameters (resource keys removed)."""
+def model_class(name: str) -> type[PerturbationModel]:
+    """The class registered under ``name``."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    module, cls = MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(name: str, params: dict[str, Any] | None = None) -> PerturbationModel:
+    """Instantiate a registered model with its config parameters (resource keys removed)."""
     params = {k: v for k, v in (params or {}).items() if k not in RESOURCE_KEYS}
-    return MODELS[name](**params)
+    return model_class(name)(**params)
 
 
 def load_model(path: str) -> PerturbationModel:

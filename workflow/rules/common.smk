@@ -2,6 +2,8 @@
 import json
 import os
 
+from lingshu.models.registry import PRETRAINING
+
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
 
@@ -52,6 +54,7 @@ def job_names(dataset):
     """Benchmark files the report's cost table reads (those that exist when it runs)."""
     names = ["preprocess", "split", "features", "truth"]
     for m in models_of(dataset):
+        names += [f"pretrain_{m}"] if m in PRETRAINING else []
         names += [f"fit_{m}", f"predict_{m}", f"evaluate_{m}"]
     if config["ceiling"]:
         names.append("ceiling")

@@ -1,5 +1,36 @@
-# Models: fit on the training cells, then predict every held-out condition.
+# Models: (pre-train,) fit on the training cells, then predict every held-out condition.
 # A model's config block may set threads, mem_mb and gpu; the rest are its parameters.
+
+
+rule pretrain_model:
+    input:
+        processed=f"{R}/{{dataset}}/processed.h5ad",
+        cells=f"{R}/{{dataset}}/split/cells.tsv",
+        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        features=f"{R}/{{dataset}}/features.tsv",
+    output:
+        f"{R}/{{dataset}}/models/{{model}}/pretrain.pt",
+    params:
+        model_params=lambda w: model_params_json(w.model),
+        entry=lambda w: entry_json(w.dataset),
+        seed=config["seed"],
+        workdir=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{R}/{{dataset}}/logs/pretrain_{{model}}.log",
+    benchmark:
+        f"{R}/{{dataset}}/benchmarks/pretrain_{{model}}.tsv"
+    threads: lambda w: model_block(w.model).get("threads", 2)
+    resources:
+        mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
+        gpu=lambda w: model_block(w.model).get("gpu", 0),
+    conda:
+        "../../envs/models.yaml"
+    shell:
+        "python -m lingshu pretrain --processed {input.processed} --cells {input.cells} "
+        "--conditions {input.conditions} --features {input.features} "
+        "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
+        "--seed {params.seed} --threads {threads} --workdir {params.workdir} "
+        "--out {output} > {log} 2>&1"
 
 
 rule fit_model:
@@ -8,11 +39,19 @@ rule fit_model:
         cells=f"{R}/{{dataset}}/split/cells.tsv",
         conditions=f"{R}/{{dataset}}/split/conditions.tsv",
         features=f"{R}/{{dataset}}/features.tsv",
+        pretrained=lambda w: (
+            [f"{R}/{w.dataset}/models/{w.model}/pretrain.pt"]
+            if w.model in PRETRAINING
+            else []
+        ),
     output:
         f"{R}/{{dataset}}/models/{{model}}/model.npz",
     params:
         model_params=lambda w: model_params_json(w.model),
+        entry=lambda w: entry_json(w.dataset),
+        init=lambda w, input: " ".join(f"--init {p}" for p in input.pretrained),
         seed=config["seed"],
+        workdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{R}/{{dataset}}/logs/fit_{{model}}.log",
     benchmark:
@@ -26,7 +65,8 @@ rule fit_model:
     shell:
         "python -m lingshu fit --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
-        "--model {wildcards.model} --params {params.model_params:q} --seed {params.seed} "
+        "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
+        "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.init} "
         "--out {output} > {log} 2>&1"
 
 
@@ -56,5 +96,6 @@ rule predict:
     shell:
         "python -m lingshu predict --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --truth {input.truth} --model-file {input.model} "
-        "--features {input.features} --seed {params.seed} --out {output.pred} "
+        "--features {input.features} --seed {params.seed} --threads {threads} "
+        "--out {output.pred} "
         "--features-used {output.features_used} > {log} 2>&1"

@@ -1,0 +1,253 @@
+"""Lingshu-Cell as a benchmark model: pre-train, fine-tune, then sample held-out conditions.
+
+The data layer of the model: it turns raw counts into count tokens (SPEC 1.1), conditions into
+indices, and sampled tokens back into log1p(CP10k) cells. The network
+(:mod:`lingshu.models.mddm.network`), the diffusion process (:mod:`.mddm.diffusion`) and the
+training loop (:mod:`.mddm.train`) never see AnnData.
+
+Regime (SPEC 1.3): :meth:`LingshuCell.pretrain` trains an unconditional model on every cell
+that is not held-out truth (training cells and the control input cells); :meth:`fit` starts a
+conditional model from those weights and trains it on the training cells with two condition
+tokens (context, perturbation). Perturbations never seen in training reach the model through
+their target genes' learned gene-identity embeddings (SPEC 1.2a); to teach that path, the
+identity of a training perturbation that has targets in the panel is hidden with probability
+``identity_dropout``. Sampling (SPEC 1.4): N unmasking steps with classifier-free guidance
+against the control condition of the same context.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.normalize import log1p_cp10k
+from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
+from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
+from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
+from lingshu.models.mddm.train import TrainConfig, ema_weights, load_checkpoint, train
+from lingshu.tokens import dequantize_tokens, quantize_counts
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = 0  # perturbation-identity index of a perturbation never seen in training
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "small",
+    "network": {},  # overrides of the preset's NetworkConfig fields
+    "pretrain_steps": 150,
+    "finetune_steps": 400,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "min_lr": 1e-4,
+    "warmup_steps": 50,
+    "ema_decay": 0.99,
+    "checkpoint_every": 100,
+    "guidance": None,  # None: 2 for genetic, 3 for stimulation data (SPEC 1.4)
+    "sample_steps": 3,
+    "sample_batch": 256,
+    "identity_dropout": 0.5,
+    "device": "auto",
+}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def counts_to_tokens(counts: sp.csr_matrix, chunk: int = 4096) -> torch.Tensor:
+    """(n_cells, n_genes) raw counts -> (n_cells, n_genes) int16 count tokens, chunk-wise."""
+    out = torch.empty(counts.shape, dtype=torch.int16)
+    for start in range(0, counts.shape[0], chunk):
+        block = counts[start:start + chunk].toarray()
+        out[start:start + chunk] = torch.from_numpy(
+            np.asarray(quantize_counts(block), dtype=np.int16))
+    return out
+
+
+class LingshuCell(PerturbationModel):
+    """The masked discrete diffusion model of the paper, trained inside the pipeline."""
+
+    name = "lingshu"
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"lingshu: unknown parameters {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULTS)}")
+        super().__init__(**params)
+        self.cfg = {**DEFAULTS, **params}
+        if self.cfg["preset"] not in PRESETS:
+            raise ValueError(f"lingshu: unknown preset {self.cfg['preset']!r}; "
+                             f"choose one of {sorted(PRESETS)}")
+        self.device = _device(self.cfg["device"])
+
+    # ------------------------------------------------------------------ configuration
+    def _network_config(self, n_genes: int, seed: int, **conditions: int) -> NetworkConfig:
+        # The same seed in pre-training and fine-tuning gives the same gene permutation.
+        return config_from_preset(self.cfg["preset"], n_genes, seed=seed,
+                                  **{**self.cfg["network"], **conditions})
+
+    def _train_config(self, steps: int, seed: int) -> TrainConfig:
+        keys = {k: self.cfg[k] for k in ("batch_size", "lr", "min_lr", "warmup_steps",
+                                         "ema_decay", "checkpoint_every")}
+        return TrainConfig(steps=int(steps), seed=seed, **keys)
+
+    # ------------------------------------------------------------------ pre-training
+    def pretrain(self, data: TrainingData, out_path: str | Path) -> None:
+        """Train the unconditional model on ``data`` and write its EMA weights to ``out_path``."""
+        torch.manual_seed(data.seed)
+        tokens = counts_to_tokens(data.counts)
+        net = LingshuNetwork(self._network_config(tokens.shape[1], data.seed)).to(self.device)
+
+        def sample_batch(n, gen):
+            idx = torch.randint(tokens.shape[0], (n,), generator=gen)
+            return tokens[idx].long()
+
+        def loss_fn(model, batch, gen):
+            noisy, mask, t = mask_tokens(batch, gen)
+            logits = model(noisy.to(self.device))
+            return diffusion_loss(logits, batch.to(self.device), mask.to(self.device),
+                                  t.to(self.device))
+
+        workdir = Path(data.workdir or Path(out_path).parent)
+        result = train(net, loss_fn, sample_batch,
+                       self._train_config(self.cfg["pretrain_steps"], data.seed),
+                       workdir / "pretrain_state.pt", device=self.device,
+                       loss_curve_path=workdir / "pretrain_loss.png")
+        log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
+                 result.cells_per_second)
+        weights = ema_weights(load_checkpoint(workdir / "pretrain_state.pt"))
+        from lingshu.io import atomic_path
+
+        with atomic_path(out_path) as tmp:
+            torch.save(weights, tmp)
+
+    # ------------------------------------------------------------------ fine-tuning
+    def fit(self, data: TrainingData, init: str | Path | None = None) -> None:
+        torch.manual_seed(data.seed)
+        genes = [str(g) for g in data.genes]
+        gene_index = {g: i for i, g in enumerate(genes)}
+        self.genes = genes
+        self.contexts = sorted(set(data.obs[CONTEXT_COL]))
+        seen = sorted(set(data.obs[PERT_COL]))
+        if CONTROL not in seen:
+            raise ValueError("lingshu: the training cells hold no control cells; guidance "
+                             "needs the control condition")
+        self.perturbations = seen  # identity index = position + 1 (0 is UNKNOWN)
+        self.targets = {p: [gene_index[g] for g in t] for p, t in data.targets.items()}
+        self.max_targets = max([len(t) for t in self.targets.values()] + [1])
+        self.guidance = (self.cfg["guidance"] if self.cfg["guidance"] is not None
+                         else (2.0 if data.perturbation_type == "genetic" else 3.0))
+
+        tokens = counts_to_tokens(data.counts)
+        ctx = torch.tensor([self.contexts.index(c) for c in data.obs[CONTEXT_COL]])
+        pert = torch.tensor([self._pert_index(p) for p in data.obs[PERT_COL]])
+        tgt = torch.stack([self._target_row(p) for p in self.perturbations])[pert - 1]
+        has_targets = (tgt >= 0).any(dim=1)
+
+        self.net_cfg = self._network_config(
+            tokens.shape[1], data.seed, n_contexts=len(self.contexts),
+            n_perturbations=len(self.perturbations) + 1)
+        net = LingshuNetwork(self.net_cfg).to(self.device)
+        if init is not None:
+            init_state = torch.load(init, map_location="cpu", weights_only=True)
+        else:
+            init_state = None
+
+        dropout = float(self.cfg["identity_dropout"])
+
+        def sample_batch(n, gen):
+            idx = torch.randint(tokens.shape[0], (n,), generator=gen)
+            return tokens[idx].long(), ctx[idx], pert[idx], tgt[idx], has_targets[idx]
+
+        def loss_fn(model, batch, gen):
+            tok, c, p, t_genes, has_t = batch
+            # Hide the identity of perturbations with panel targets, so that the target-gene
+            # path learns to carry the effect of perturbations never seen in training.
+            hide = (torch.rand(p.shape, generator=gen) < dropout) & has_t
+            p = torch.where(hide, torch.full_like(p, UNKNOWN), p)
+            noisy, mask, t = mask_tokens(tok, gen)
+            d = self.device
+            logits = model(noisy.to(d), context=c.to(d), perturbation=p.to(d),
+                           target_genes=t_genes.to(d))
+            return diffusion_loss(logits, tok.to(d), mask.to(d), t.to(d))
+
+        workdir = Path(data.workdir or ".")
+        result = train(net, loss_fn, sample_batch,
+                       self._train_config(self.cfg["finetune_steps"], data.seed + 1),
+                       workdir / "finetune_state.pt", device=self.device,
+                       init_state_dict=init_state,
+                       loss_curve_path=workdir / "finetune_loss.png")
+        log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
+                 result.cells_per_second)
+        net.load_state_dict(ema_weights(load_checkpoint(workdir / "finetune_state.pt")))
+        self.net = net.eval()
+
+    def _pert_index(self, label: str) -> int:
+        return self.perturbations.index(label) + 1 if label in self.perturbations else UNKNOWN
+
+    def _target_row(self, label: str) -> torch.Tensor:
+        row = torch.full((self.max_targets,), -1, dtype=torch.long)
+        genes = self.targets.get(label, [])[: self.max_targets]
+        row[: len(genes)] = torch.tensor(genes, dtype=torch.long)
+        return row
+
+    # ------------------------------------------------------------------ sampling
+    def condition_tensors(self, context: str, label: str) -> dict[str, torch.Tensor]:
+        """The network's condition inputs (batch of one) for a context x perturbation."""
+        if context not in self.contexts:
+            raise ValueError(f"lingshu: context {context!r} was not seen in training "
+                             f"(seen: {self.contexts}); it has no condition token")
+        d = self.device
+        return {"context": torch.tensor([self.contexts.index(context)], device=d),
+                "perturbation": torch.tensor([self._pert_index(label)], device=d),
+                "target_genes": self._target_row(label)[None].to(d)}
+
+    def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
+        cond = self.condition_tensors(condition.context, condition.perturbation)
+        uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
+        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+
+        def model_fn(tokens, cnd):
+            b = tokens.shape[0]
+            return self.net(tokens, **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
+
+        blocks = []
+        for start in range(0, condition.n_cells, int(self.cfg["sample_batch"])):
+            n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
+            tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
+                         cond=cond, uncond=uncond, guidance=float(self.guidance))
+            blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
+        return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
+
+    # ------------------------------------------------------------------ state
+    def get_state(self):
+        arrays = {f"w::{k}": v.detach().float().cpu().numpy()
+                  for k, v in self.net.state_dict().items()}
+        meta = {"network": asdict(self.net_cfg), "genes": self.genes, "contexts": self.contexts,
+                "perturbations": self.perturbations, "targets": self.targets,
+                "max_targets": self.max_targets, "guidance": self.guidance}
+        return arrays, meta
+
+    def set_state(self, arrays, meta):
+        self.genes, self.contexts = meta["genes"], meta["contexts"]
+        self.perturbations, self.max_targets = meta["perturbations"], meta["max_targets"]
+        self.targets, self.guidance = meta["targets"], meta["guidance"]
+        self.net_cfg = NetworkConfig(**meta["network"])
+        net = LingshuNetwork(self.net_cfg)
+        state = net.state_dict()
+        for key, value in arrays.items():
+            name = key[len("w::"):]
+            state[name] = torch.from_numpy(value).to(state[name].dtype)
+        net.load_state_dict(state)
+        self.net = net.to(self.device).eval()

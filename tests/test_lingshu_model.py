@@ -1,0 +1,82 @@
+"""Lingshu-Cell inside the benchmark: pre-train, fine-tune, sample, in the prediction format."""
+
+import numpy as np
+import pytest
+
+from lingshu.data.split import make_split
+from lingshu.models.registry import build_model, load_model
+from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+
+from conftest import make_processed
+
+TINY = {"preset": "tiny", "pretrain_steps": 20, "finetune_steps": 40, "batch_size": 16,
+        "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20, "sample_batch": 64}
+ENTRY = {"perturbation_type": "genetic"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lingshu")
+    adata = make_processed(n_genes=24, perts=("G1", "G2", "G3", "G4"), n_per=20, n_ctrl=40)
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["G2"]}, seed=0)
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    model = build_model("lingshu", TINY)
+    pre = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(work),
+                        include_control_input=True)
+    model.pretrain(pre, work / "pretrain.pt")
+    data = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(work))
+    model.fit(data, init=work / "pretrain.pt")
+    model.save(work / "model.npz")
+    return adata, split, model, work
+
+
+def test_pretrain_and_finetune_write_their_state(fitted):
+    _, _, _, work = fitted
+    for name in ("pretrain.pt", "pretrain_state.pt", "finetune_state.pt", "model.npz",
+                 "pretrain_loss.png", "finetune_loss.png"):
+        assert (work / name).exists(), name
+
+
+def test_prediction_format_and_reload(fitted):
+    adata, split, model, work = fitted
+    truth = build_truth(adata, split)
+    pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
+    assert list(pred.var_names) == list(truth.var_names)
+    key = ["context", "perturbation"]
+    assert (pred.obs.groupby(key).size().sort_index()
+            .equals(truth.obs.groupby(key).size().sort_index()))
+    x = pred[~pred.obs["is_real_control"].to_numpy()].X.toarray()
+    assert np.isfinite(x).all() and x.min() >= 0 and x.max() < 15
+    # library-size normalised: every predicted cell with counts sums to 1e4 in CP10k
+    sums = np.expm1(x).sum(axis=1)
+    assert np.allclose(sums[sums > 0], 1e4, rtol=1e-3)
+    again = predict_conditions(load_model(str(work / "model.npz")), adata, split, truth,
+                               seed=0, progress=False)
+    np.testing.assert_array_equal(again.X.toarray(), pred.X.toarray())
+
+
+def test_predictions_depend_on_the_condition(fitted):
+    import torch
+
+    from lingshu.models.base import ConditionInput
+    from lingshu.tokens import MASK_TOKEN
+
+    adata, split, model, _ = fitted
+    masked = torch.full((1, 24), MASK_TOKEN, dtype=torch.long)
+    with torch.no_grad():
+        logits = {p: model.net(masked, **model.condition_tensors("A", p))
+                  for p in ("G2", "G3", "control")}
+    # the held-out G2 (target-gene path) and the seen G3 (identity) are different conditions
+    assert not torch.allclose(logits["G2"], logits["G3"])
+    assert not torch.allclose(logits["G3"], logits["control"])
+    ctrl = adata[(adata.obs["perturbation"] == "control").to_numpy()].X[:5]
+    a = model.predict(ConditionInput("A", "G2", ctrl, 8), np.random.default_rng(1))
+    assert a.shape == (8, 24)
+    with pytest.raises(ValueError, match="not seen in training"):
+        model.predict(ConditionInput("Z", "G2", ctrl, 2), np.random.default_rng(0))
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(ValueError, match="pretrain_stepz"):
+        build_model("lingshu", {"pretrain_stepz": 3})

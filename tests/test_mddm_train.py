@@ -1,0 +1,320 @@
+"""The generic MDDM training loop: schedule, EMA, resume, atomic checkpoints, accumulation, DDP."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lingshu.models.mddm.train import (
+    EMA, TrainConfig, ema_weights, load_checkpoint, lr_at, param_groups, train,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+D, H, N = 8, 32, 256
+
+
+class Toy(nn.Module):
+    """A 2-layer MLP denoiser (with a norm and dropout, so the global RNG matters too)."""
+
+    def __init__(self, dropout: float = 0.1, cond: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(D, H)
+        self.norm = nn.LayerNorm(H)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(H, D)
+        if cond:
+            self.cond = nn.Embedding(3, H)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def make_data(seed: int = 123) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, 2, generator=g)
+    return z @ torch.randn(2, D, generator=g)  # rank-2 structure: learnable denoising
+
+
+DATA = make_data()
+
+
+def sample_batch(n: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, N, (n,), generator=g, device=g.device)
+    return DATA[idx]
+
+
+def denoise_loss(model: nn.Module, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    t = torch.rand(x.shape[0], 1, generator=g, device=x.device)  # noise level per cell
+    noise = torch.randn(x.shape, generator=g, device=x.device)
+    return ((model(x + t * noise) - x) ** 2).mean()
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5, ema_decay=0.9,
+                checkpoint_every=10, log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fresh_model(seed: int, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return Toy(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+def test_lr_schedule():
+    c = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, c) == 0.0
+    assert lr_at(5, c) == pytest.approx(0.5)
+    warm = [lr_at(s, c) for s in range(0, 11)]
+    assert all(b - a == pytest.approx(0.1) for a, b in zip(warm, warm[1:]))  # linear
+    assert lr_at(10, c) == pytest.approx(1.0)
+    all_lrs = [lr_at(s, c) for s in range(0, 101)]
+    assert max(all_lrs) == pytest.approx(1.0) and all_lrs.index(max(all_lrs)) == 10
+    decay = all_lrs[10:]
+    assert all(b <= a for a, b in zip(decay, decay[1:]))
+    assert lr_at(55, c) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(100, c) == pytest.approx(0.1)
+    assert lr_at(150, c) == pytest.approx(0.1)
+    assert lr_at(3, TrainConfig(steps=10, lr=1.0, min_lr=0.0, warmup_steps=0)) == \
+        pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_param_groups_decay_matrices_only():
+    model = Toy(cond=True)
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"fc1.weight", "fc2.weight"}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_ema():
+    model = Toy()
+    ema = EMA(model, decay=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(ema.shadow[n], p)
+
+    d = 0.9
+    ema = EMA(model, decay=d)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2).add_(1)
+    ema.update(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ema.shadow[n], d * old[n] + (1 - d) * p.detach())
+    other = Toy()
+    ema.copy_to(other)
+    for n, p in other.named_parameters():
+        assert torch.equal(p, ema.shadow[n])
+    ema2 = EMA(Toy(), decay=0.5)
+    ema2.load_state_dict(ema.state_dict())
+    assert ema2.decay == d and ema2.num_updates == 1
+    assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+
+
+def test_training_lowers_loss(tmp_path):
+    model = fresh_model(0, dropout=0.0)
+    res = train(model, denoise_loss, sample_batch,
+                cfg(steps=150, batch_size=64, lr=1e-2, min_lr=1e-3, warmup_steps=10,
+                    checkpoint_every=1000, log_every=50),
+                tmp_path / "ck.pt", progress=False, loss_curve_path=tmp_path / "curve.png")
+    first, last = sum(res.losses[:10]) / 10, sum(res.losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert len(res.losses) == res.steps == 150
+    assert res.cells_per_second > 0 and res.peak_memory_mb > 0 and res.memory_kind == "rss"
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ck = load_checkpoint(tmp_path / "ck.pt")
+    assert ck["step"] == 150 and ck["config"]["steps"] == 150
+    # the EMA weights load into a fresh model for sampling
+    Toy(dropout=0.0).load_state_dict(ema_weights(ck), strict=True)
+    assert ema_weights(tmp_path / "ck.pt").keys() == ck["model"].keys()
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    full = fresh_model(0)
+    r_full = train(full, denoise_loss, sample_batch, cfg(), tmp_path / "a.pt", progress=False)
+    assert len(r_full.losses) == 20
+
+    calls = {"n": 0}
+
+    def killed_sampler(n, g):
+        calls["n"] += 1
+        if calls["n"] == 14:  # dies during step 14, after the step-10 checkpoint
+            raise KeyboardInterrupt("killed")
+        return sample_batch(n, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(0), denoise_loss, killed_sampler, cfg(), tmp_path / "b.pt",
+              progress=False)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 10
+
+    torch.manual_seed(12345)  # a "new process": different global RNG and initial weights
+    _ = torch.rand(100)
+    resumed = fresh_model(7)
+    r_res = train(resumed, denoise_loss, sample_batch, cfg(), tmp_path / "b.pt", progress=False)
+    assert r_res.start_step == 10 and len(r_res.losses) == 20
+    assert r_res.losses[:10] == r_full.losses[:10]
+    assert r_res.losses[10:] == r_full.losses[10:]  # exact float equality
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    ca, cb = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert all(torch.equal(ca["ema"]["shadow"][k], cb["ema"]["shadow"][k]) for k in ca["ema"]["shadow"])
+
+    # a finished checkpoint makes a rerun a no-op
+    r_again = train(fresh_model(3), denoise_loss, sample_batch, cfg(), tmp_path / "b.pt",
+                    progress=False)
+    assert r_again.start_step == 20 and r_again.losses == r_full.losses
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.pt"
+    train(fresh_model(0), denoise_loss, sample_batch, cfg(steps=10, checkpoint_every=5), ck,
+          progress=False)
+    before = ck.read_bytes()
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 10 and len(state["losses"]) == 10
+    assert set(state) >= {"model", "optimizer", "ema", "step", "losses", "rng", "config"}
+    assert len(state["rng"]["generator"]) == 1 and state["rng"]["torch_cpu"][0].dtype == torch.uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(3)}, f)  # half-written bytes, then the disk fills up
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(fresh_model(0), denoise_loss, sample_batch, cfg(steps=15, checkpoint_every=5), ck,
+              progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ck.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left
+    assert load_checkpoint(ck)["step"] == 10
+
+
+def test_init_state_dict_strict_false_is_logged(tmp_path, caplog):
+    pre = fresh_model(0).state_dict()
+    pre["bogus.weight"] = torch.zeros(2)
+    model = fresh_model(1, cond=True)
+    with caplog.at_level(logging.INFO, logger="lingshu.models.mddm.train"):
+        res = train(model, denoise_loss, sample_batch, cfg(steps=0), tmp_path / "ck.pt",
+                    progress=False, init_state_dict=pre)
+    assert res.missing_keys == ["cond.weight"] and res.unexpected_keys == ["bogus.weight"]
+    assert "cond.weight" in caplog.text and "bogus.weight" in caplog.text
+    for k, v in model.state_dict().items():
+        if k != "cond.weight":
+            assert torch.equal(v, pre[k]), k
+    # and it trains from there
+    res = train(model, denoise_loss, sample_batch, cfg(steps=3), tmp_path / "ck2.pt",
+                progress=False, init_state_dict=pre)
+    assert len(res.losses) == 3
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    data = make_data(5)[:8]
+
+    def ordered_sampler():
+        pos = {"i": 0}
+
+        def sample(n, g):
+            out = data[pos["i"]:pos["i"] + n]
+            pos["i"] += n
+            return out
+        return sample
+
+    def mse(model, x, g):  # a mean over cells
+        return ((model(x) - x) ** 2).mean()
+
+    results = {}
+    for name, micro in (("full", None), ("accum", 4)):
+        model = fresh_model(0, dropout=0.0)
+        c = cfg(steps=1, batch_size=8, micro_batch_size=micro, warmup_steps=0, lr=1e-2)
+        res = train(model, mse, ordered_sampler(), c, tmp_path / f"{name}.pt", progress=False)
+        results[name] = (res, model, load_checkpoint(tmp_path / f"{name}.pt"))
+    (rf, mf, cf), (ra, ma, ca) = results["full"], results["accum"]
+    assert rf.losses[0] == pytest.approx(ra.losses[0], rel=1e-6)
+    for (n, a), (_, b) in zip(mf.state_dict().items(), ma.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7), n
+    # the first moments are (1 - beta1) * gradient: the accumulated gradient matches
+    for k, st in cf["optimizer"]["state"].items():
+        torch.testing.assert_close(st["exp_avg"], ca["optimizer"]["state"][k]["exp_avg"],
+                                   rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(st["exp_avg_sq"], ca["optimizer"]["state"][k]["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-12)
+
+
+def test_bad_batch_split_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        train(Toy(), denoise_loss, sample_batch, cfg(batch_size=10, micro_batch_size=4),
+              tmp_path / "x.pt", progress=False)
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+from test_mddm_train import Toy, denoise_loss, sample_batch
+from lingshu.models.mddm.train import TrainConfig, train
+
+out = {out!r}
+rank = int(os.environ["RANK"])
+torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
+model = Toy()
+cfg = TrainConfig(steps=4, batch_size=8, micro_batch_size=2, lr=1e-2, warmup_steps=1,
+                  checkpoint_every=2, log_every=1)
+res = train(model, denoise_loss, sample_batch, cfg, os.path.join(out, "ck.pt"), progress=False,
+            loss_curve_path=os.path.join(out, "curve.png"))
+assert res.world_size == 2
+torch.save({{"state": model.state_dict(), "losses": res.losses}},
+           os.path.join(out, f"weights_rank{{rank}}.pt"))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "ddp_script.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out))))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w0 = torch.load(out / "weights_rank0.pt", weights_only=True)
+    w1 = torch.load(out / "weights_rank1.pt", weights_only=True)
+    for k in w0["state"]:
+        assert torch.equal(w0["state"][k], w1["state"][k]), k
+    assert w0["losses"] == w1["losses"] and len(w0["losses"]) == 4  # losses are all-reduced
+    ck = load_checkpoint(out / "ck.pt")
+    assert ck["step"] == 4 and ck["world_size"] == 2
+    assert len(ck["rng"]["generator"]) == 2
+    assert not torch.equal(ck["rng"]["generator"][0], ck["rng"]["generator"][1])  # own streams
+    for k in w0["state"]:
+        assert torch.equal(ck["model"][k], w0["state"][k])
+    assert sorted(p.name for p in out.iterdir()) == ["ck.pt", "curve.png", "weights_rank0.pt",
+                                                      "weights_rank1.pt"]
