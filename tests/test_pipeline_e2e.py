@@ -1,4 +1,4 @@
-"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 2 minutes)."""
+"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 3 minutes)."""
 
 import json
 import subprocess
@@ -26,44 +26,47 @@ TINY = {
             "split": {"kind": "heldout_perturbations", "n_test_perturbations": 2},
         },
     },
-    "models": {"control_mean": {}, "perturbation_mean": {}, "linear": {"ridge": 0.1}},
+    "models": {"control_mean": {}, "perturbation_mean": {}, "linear": {"ridge": 0.1},
+               "lingshu": {"preset": "tiny", "pretrain_steps": 10, "finetune_steps": 20,
+                           "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10,
+                           "threads": 1}},
 }
 
 
-def _run(config_path, cwd):
-    return subprocess.run(
+def _run_tiny(results: Path, tmp_path: Path) -> None:
+    """Run the pipeline on the TINY config into ``results`` (a fresh folder)."""
+    config_path = tmp_path / f"{results.name}.yaml"
+    config_path.write_text(yaml.safe_dump(dict(TINY, results_dir=str(results))))
+    run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
          "--directory", str(ROOT), "--configfile", str(config_path), "--cores", "2"],
-        cwd=cwd, capture_output=True, text=True, timeout=900)
+        cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
 
 
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
     results = tmp_path / "results"
-    cfg = dict(TINY, results_dir=str(results))
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(cfg))
-    run = _run(config_path, tmp_path)
-    assert run.returncode == 0, run.stderr[-4000:]
+    _run_tiny(results, tmp_path)
 
     ds = results / "tiny_genetic"
     table = pd.read_csv(ds / "report" / "table.tsv", sep="\t")
-    assert {"control_mean", "perturbation_mean", "linear"} <= set(table["model"])
+    assert {"control_mean", "perturbation_mean", "linear", "lingshu"} <= set(table["model"])
+    assert (ds / "models" / "lingshu" / "pretrain.pt").exists()
     assert (ds / "report" / "report.html").stat().st_size > 10_000
     assert (results / "index.html").exists()
     for name in ("metric_bars", "delta_scatter", "per_condition_distributions"):
         assert (ds / "report" / "figures" / f"{name}.png").exists()
-    for rule in ("preprocess", "split", "evaluate_linear", "ceiling"):
+    for rule in ("preprocess", "split", "evaluate_linear", "ceiling", "pretrain_lingshu",
+                 "fit_lingshu"):
         assert (ds / "benchmarks" / f"{rule}.tsv").exists()
         assert (ds / "logs" / f"{rule}.log").exists()
-    summary = json.loads((ds / "eval" / "linear" / "summary.json").read_text())
+    summaries = {m: json.loads((ds / "eval" / m / "summary.json").read_text())["metrics"]
+                 for m in ("linear", "lingshu")}
 
     # Determinism: a second run from scratch gives the same numbers.
     again = tmp_path / "again"
-    cfg2 = dict(TINY, results_dir=str(again))
-    config2 = tmp_path / "again.yaml"
-    config2.write_text(yaml.safe_dump(cfg2))
-    run2 = _run(config2, tmp_path)
-    assert run2.returncode == 0, run2.stderr[-4000:]
-    summary2 = json.loads((again / "tiny_genetic" / "eval" / "linear" / "summary.json").read_text())
-    assert summary["metrics"] == summary2["metrics"]
+    _run_tiny(again, tmp_path)
+    for model, metrics in summaries.items():
+        path = again / "tiny_genetic" / "eval" / model / "summary.json"
+        assert json.loads(path.read_text())["metrics"] == metrics, model
