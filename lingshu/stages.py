@@ -16,10 +16,10 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL, SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
+from lingshu.constants import CONTEXT_COL, PERT_COL, SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import Split
-from lingshu.io import read_table, write_h5ad, write_table
+from lingshu.io import read_table, write_table
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
 from lingshu.models.features import SOURCE_COL, perturbation_features
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from lingshu.evaluate import PAPER_METRICS, evaluate_to_dir
