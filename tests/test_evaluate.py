@@ -266,3 +266,14 @@ def test_raw_counts_raise(truth, tmp_path):
     pred.X = np.round(np.expm1(pred.X))
     with pytest.raises(InputError, match="integer counts|log1p"):
         evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+
+
+def test_bootstrap_pools_contexts_of_one_condition_each():
+    import pandas as pd
+
+    from lingshu.evaluate import bootstrap_ci
+
+    table = pd.DataFrame({"context": ["A", "B"], "perturbation": ["stim", "stim"],
+                          "pearson_delta": [0.2, 0.8]})
+    low, high = bootstrap_ci(table, "pearson_delta", n_boot=500, seed=0)
+    assert low == pytest.approx(0.2) and high == pytest.approx(0.8)

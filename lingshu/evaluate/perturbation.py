@@ -442,6 +442,9 @@ def bootstrap_ci(
     Conditions are drawn with replacement within each context (so every context keeps its
     size and weight), then the statistic of :func:`summarize` is recomputed: the
     context-balanced mean, or for ``spearman_nsig`` the pooled Spearman. NaN if undefined.
+    When every context holds a single condition (e.g. one stimulation held out per cell
+    type), within-context draws could not vary, so the conditions are pooled and drawn
+    across contexts instead.
     """
     if n_boot < 1 or len(per_condition) == 0:
         return float("nan"), float("nan")
@@ -451,6 +454,8 @@ def bootstrap_ci(
         per_condition = per_condition.dropna(subset=[NSIG_REAL, NSIG_PRED])  # as spearman_nsig does
     rng = np.random.default_rng(seed)
     groups = [g.reset_index(drop=True) for _, g in per_condition.groupby(CONTEXT_COL, sort=True)]
+    if len(groups) > 1 and all(len(g) == 1 for g in groups):
+        groups = [pd.concat(groups, ignore_index=True)]
     draws = [rng.integers(0, len(g), size=(n_boot, len(g))) for g in groups]
     if metric == SPEARMAN_NSIG:
         stats = _bootstrap_spearman_nsig(groups, draws)
