@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -72,8 +73,6 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     include_control_input: also hand over the control input cells (for unconditional
     pre-training on every cell that is not held-out truth).
     """
-    from pathlib import Path
-
     entry = entry or {}
     train = _rows(adata, split, SPLIT_TRAIN)  # also checks that the split matches the data
     if include_control_input:

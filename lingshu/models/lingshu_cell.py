@@ -18,7 +18,7 @@ against the control condition of the same context.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,18 @@ from lingshu.data.normalize import log1p_cp10k
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
-from lingshu.models.mddm.train import TrainConfig, ema_weights, load_checkpoint, train
+from lingshu.models.mddm.train import (
+    TrainConfig,
+    ema_weights,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 from lingshu.tokens import dequantize_tokens, quantize_counts
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = 0  # perturbation-identity index of a perturbation never seen in training
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
 DEFAULTS: dict[str, Any] = {
     "preset": "small",
@@ -126,11 +131,7 @@ class LingshuCell(PerturbationModel):
                        loss_curve_path=workdir / "pretrain_loss.png")
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
-        weights = ema_weights(load_checkpoint(workdir / "pretrain_state.pt"))
-        from lingshu.io import atomic_path
-
-        with atomic_path(out_path) as tmp:
-            torch.save(weights, tmp)
+        save_checkpoint(out_path, ema_weights(load_checkpoint(workdir / "pretrain_state.pt")))
 
     # ------------------------------------------------------------------ fine-tuning
     def fit(self, data: TrainingData, init: str | Path | None = None) -> None:
@@ -159,10 +160,7 @@ class LingshuCell(PerturbationModel):
             tokens.shape[1], data.seed, n_contexts=len(self.contexts),
             n_perturbations=len(self.perturbations) + 1)
         net = LingshuNetwork(self.net_cfg).to(self.device)
-        if init is not None:
-            init_state = torch.load(init, map_location="cpu", weights_only=True)
-        else:
-            init_state = None
+        init_state = load_checkpoint(init) if init is not None else None
 
         dropout = float(self.cfg["identity_dropout"])
 
