@@ -138,6 +138,7 @@ def cmd_predict(args) -> None:
     adata, split = _load(args.processed, args.cells, args.conditions)
     truth = ad.read_h5ad(args.truth)
     model = load_model(args.model_file)
+    model.threads = max(1, int(args.threads))
     _limit_threads(args.threads)
     pred = predict_conditions(model, adata, split, truth, seed=args.seed)
     write_h5ad(pred, args.out)

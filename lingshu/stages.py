@@ -15,9 +15,15 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
-from lingshu.constants import CONTEXT_COL, PERT_COL, SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
+from lingshu.constants import (
+    BATCH_COL,
+    CONTEXT_COL,
+    PERT_COL,
+    SPLIT_CONTROL_INPUT,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+)
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import Split
 from lingshu.io import read_table, write_table
@@ -77,7 +83,8 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     train = _rows(adata, split, SPLIT_TRAIN)  # also checks that the split matches the data
     if include_control_input:
         train = np.union1d(train, _rows(adata, split, SPLIT_CONTROL_INPUT))
-    obs = adata.obs.iloc[train][[PERT_COL, CONTEXT_COL]].astype(str).reset_index(drop=True)
+    cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
+    obs = adata.obs.iloc[train][cols].astype(str).reset_index(drop=True)
     labels = sorted(set(adata.obs[PERT_COL].astype(str)))
     return TrainingData(counts=_counts(adata, train), obs=obs,
                         genes=adata.var_names.to_numpy(), features=features, seed=seed,
@@ -122,11 +129,19 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
     blocks, obs_rows = [], []
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    for row in tqdm(conditions.itertuples(index=False), total=len(conditions),
-                    desc=f"predict {model.name}", disable=not progress):
+    inputs, controls_of = [], {}
+    for row in conditions.itertuples(index=False):
         ctx, pert, n = getattr(row, CONTEXT_COL), getattr(row, PERT_COL), int(row.n_cells)
-        control_counts = _counts(adata, ctrl_rows[ctrl_context == ctx])
-        x = model.predict(ConditionInput(ctx, pert, control_counts, n), rng)
+        if ctx not in controls_of:
+            controls_of[ctx] = _counts(adata, ctrl_rows[ctrl_context == ctx])
+        inputs.append(ConditionInput(ctx, pert, controls_of[ctx], n))
+    outputs = iter(model.predict_many(inputs, rng, progress=progress))
+    for cond in inputs:
+        x = next(outputs, None)
+        if x is None:
+            raise ValueError(f"{model.name} returned fewer predictions than the "
+                             f"{len(inputs)} conditions")
+        ctx, pert, n = cond.context, cond.perturbation, cond.n_cells
         if x.shape != (n, adata.n_vars):
             raise ValueError(f"{model.name} returned shape {x.shape} for {ctx}/{pert}; "
                              f"expected {(n, adata.n_vars)}")

@@ -318,3 +318,17 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert torch.equal(ck["model"][k], w0["state"][k])
     assert sorted(p.name for p in out.iterdir()) == ["ck.pt", "curve.png", "weights_rank0.pt",
                                                       "weights_rank1.pt"]
+
+
+def test_state_of_other_inputs_is_not_resumed(tmp_path):
+    first = train(fresh_model(0), denoise_loss, sample_batch, cfg(), tmp_path / "s.pt",
+                  progress=False, fingerprint="inputs-A")
+    # same fingerprint: the finished state is reused, nothing trains
+    again = train(fresh_model(0), denoise_loss, sample_batch, cfg(), tmp_path / "s.pt",
+                  progress=False, fingerprint="inputs-A")
+    assert again.start_step == 20
+    # other inputs: the stale state is ignored and overwritten by a fresh run
+    other = train(fresh_model(0), denoise_loss, sample_batch, cfg(), tmp_path / "s.pt",
+                  progress=False, fingerprint="inputs-B")
+    assert other.start_step == 0 and other.losses == first.losses
+    assert load_checkpoint(tmp_path / "s.pt")["fingerprint"] == "inputs-B"

@@ -146,3 +146,23 @@ def test_truth_holds_test_cells_and_control_inputs(tiny_processed):
 def test_unknown_model_name():
     with pytest.raises(KeyError, match="registered"):
         build_model("nope")
+
+
+def test_data_fingerprint_changes_with_the_inputs(tiny_processed):
+    from lingshu.data.split import make_split
+    from lingshu.models.base import data_fingerprint
+    from lingshu.stages import training_data
+
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G2"]}, seed=0)
+    data = training_data(tiny_processed, split, None, seed=0)
+    fp = data_fingerprint(data, params={"a": 1})
+    assert fp == data_fingerprint(training_data(tiny_processed, split, None, seed=0),
+                                  params={"a": 1})
+    assert fp != data_fingerprint(data, params={"a": 2})
+    assert fp != data_fingerprint(training_data(tiny_processed, split, None, seed=1),
+                                  params={"a": 1})
+    other = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G3"]}, seed=0)
+    assert fp != data_fingerprint(training_data(tiny_processed, other, None, seed=0),
+                                  params={"a": 1})

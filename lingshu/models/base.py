@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from lingshu.io import atomic_path
 
@@ -75,6 +77,8 @@ class PerturbationModel(ABC):
     """
 
     name: ClassVar[str]
+    # CPU threads the model may use at prediction (the predict job's; set by the caller).
+    threads: int = 1
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -86,6 +90,16 @@ class PerturbationModel(ABC):
     @abstractmethod
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         """Return (condition.n_cells, n_genes) float32 predicted log1p(CP10k) expression."""
+
+    def predict_many(self, conditions: list[ConditionInput], rng: np.random.Generator,
+                     progress: bool = False) -> Iterator[np.ndarray]:
+        """Predict several conditions, in order; yields one array per condition.
+
+        The default calls :meth:`predict` for each; a model whose prediction has a high fixed
+        cost (a subprocess, loading a large checkpoint) overrides this to pay it once.
+        """
+        for condition in tqdm(conditions, desc=f"predict {self.name}", disable=not progress):
+            yield self.predict(condition, rng)
 
     @abstractmethod
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -99,9 +113,43 @@ class PerturbationModel(ABC):
         """Write the fitted model atomically to ``path`` (.npz)."""
         arrays, meta = self.get_state()
         meta = {"model": self.name, "params": self.params, **meta}
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+
+
+def data_fingerprint(data: TrainingData, **extra: Any) -> str:
+    """A short hash of the training inputs (counts, labels, genes, features, seed) plus any
+    ``extra`` JSON-able values (parameters, the hash of initial weights).
+
+    Resumable training state carries it, so that state left in a model's folder by a run on
+    other inputs is never resumed as if it were this run's.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    counts = sp.csr_matrix(data.counts)
+    for arr in (counts.indptr, counts.indices, counts.data):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(repr(counts.shape).encode())
+    for col in sorted(data.obs.columns):
+        h.update(col.encode())
+        h.update("\x1f".join(map(str, data.obs[col].to_numpy())).encode())
+    h.update("\x1f".join(map(str, data.genes)).encode())
+    if data.features is not None:
+        h.update(data.features.to_csv().encode())
+    h.update(json.dumps({"seed": data.seed, **extra}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

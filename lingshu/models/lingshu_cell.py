@@ -28,7 +28,13 @@ import torch
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.normalize import log1p_cp10k
-from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
+from lingshu.models.base import (
+    ConditionInput,
+    PerturbationModel,
+    TrainingData,
+    data_fingerprint,
+    file_sha256,
+)
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
 from lingshu.models.mddm.train import (
@@ -128,7 +134,8 @@ class LingshuCell(PerturbationModel):
         result = train(net, loss_fn, sample_batch,
                        self._train_config(self.cfg["pretrain_steps"], data.seed),
                        workdir / "pretrain_state.pt", device=self.device,
-                       loss_curve_path=workdir / "pretrain_loss.png")
+                       loss_curve_path=workdir / "pretrain_loss.png",
+                       fingerprint=data_fingerprint(data, stage="pretrain", params=self.cfg))
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         save_checkpoint(out_path, ema_weights(load_checkpoint(workdir / "pretrain_state.pt")))
@@ -185,7 +192,10 @@ class LingshuCell(PerturbationModel):
                        self._train_config(self.cfg["finetune_steps"], data.seed + 1),
                        workdir / "finetune_state.pt", device=self.device,
                        init_state_dict=init_state,
-                       loss_curve_path=workdir / "finetune_loss.png")
+                       loss_curve_path=workdir / "finetune_loss.png",
+                       fingerprint=data_fingerprint(
+                           data, stage="finetune", params=self.cfg,
+                           init=file_sha256(init) if init is not None else None))
         log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         net.load_state_dict(ema_weights(load_checkpoint(workdir / "finetune_state.pt")))

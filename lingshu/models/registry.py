@@ -15,11 +15,15 @@ MODELS: dict[str, str] = {
     "perturbation_mean": "lingshu.models.baselines:PerturbationMean",
     "linear": "lingshu.models.baselines:LinearModel",
     "lingshu": "lingshu.models.lingshu_cell:LingshuCell",
+    "state": "lingshu.models.state:StateModel",
 }
 BASELINES = ("control_mean", "perturbation_mean", "linear")
 
 # Models with an unconditional pre-training stage of their own (a pipeline rule before fit).
 PRETRAINING = {"lingshu"}
+
+# Models whose jobs run in a conda env of their own (envs/<env>.yaml); the rest use models.yaml.
+MODEL_ENVS = {"state": "state"}
 
 # Resource keys of a model's config block, consumed by Snakemake, not by the model.
 RESOURCE_KEYS = {"threads", "mem_mb", "gpu"}

@@ -35,7 +35,7 @@ METRIC_NOTES = {
     "Pearson-delta": "Pearson correlation of the predicted and real change from the control "
     "pseudobulk (pearson_delta). Higher is better.",
 }
-BASELINE_NOTES = {
+MODEL_NOTES = {
     "control_mean": "predicts no effect: the context's real control cells, resampled, so its "
     "pseudobulk is the control pseudobulk. Reference of the paper's average score.",
     "perturbation_mean": "predicts the mean of the training perturbations (the Virtual Cell "
@@ -43,6 +43,12 @@ BASELINE_NOTES = {
     "Reference of the VCC score.",
     "linear": "ridge regression on perturbation / context embeddings (Ahlmann-Eltze et al.): "
     "simple and hard to beat.",
+    "lingshu": "Lingshu-Cell, the masked discrete diffusion model over the whole transcriptome "
+    "(this project's implementation; pre-trained, then fine-tuned on the training cells).",
+    "state": "STATE (Arc Institute's State Transition model), trained and run by the arc-state "
+    "package itself: sets of control cells plus a perturbation encoding through a "
+    "bidirectional LLaMA to the perturbed set, energy-distance loss. Held-out perturbations "
+    "reach it through the shared perturbation features.",
 }
 SCORE_NOTES = (
     "<b>Average score</b>: per metric the improvement over control_mean, MAE as (b - m) / b, the "
@@ -94,18 +100,19 @@ def _frame_html(frame: pd.DataFrame, digits: int = 3) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="—", border=0)
 
 
-def _notes_html() -> str:
-    """Definitions of the metrics, the scores and the baselines."""
+def _notes_html(models: list[str]) -> str:
+    """Definitions of the metrics, the scores and the models of this report."""
     metrics = "".join(
         f"<dt>{html.escape(label)} <code>{html.escape(column)}</code></dt><dd>{html.escape(METRIC_NOTES[label])}</dd>"
         for label, column in PAPER_METRICS.items()
     )
     baselines = "".join(
-        f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>" for name, text in BASELINE_NOTES.items()
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(MODEL_NOTES[name])}</dd>"
+        for name in models if name in MODEL_NOTES
     )
     return (
         f"<h2>Metrics</h2><dl>{metrics}</dl><p>{SCORE_NOTES}</p>"
-        f"<h2>Baselines</h2><dl>{baselines}</dl>"
+        f"<h2>Models</h2><dl>{baselines}</dl>"
     )
 
 
@@ -165,7 +172,7 @@ def render_report(
         _ceiling_sentence(table),
         "<h2>Figures</h2>",
         *(_embed(f) for f in figures),
-        _notes_html(),
+        _notes_html(models),
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",
     ]

@@ -2,7 +2,7 @@
 import json
 import os
 
-from lingshu.models.registry import PRETRAINING
+from lingshu.models.registry import MODEL_ENVS, PRETRAINING
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
@@ -28,6 +28,11 @@ def models_of(dataset):
 
 def model_block(model):
     return config["models"].get(model) or {}
+
+
+def model_env(wildcards):
+    """The conda env of a model's jobs (STATE brings arc-state and its dependencies)."""
+    return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
 
 
 def model_params_json(model):

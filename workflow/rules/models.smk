@@ -24,7 +24,7 @@ rule pretrain_model:
         mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
         gpu=lambda w: model_block(w.model).get("gpu", 0),
     conda:
-        "../../envs/models.yaml"
+        model_env
     shell:
         "python -m lingshu pretrain --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
@@ -61,7 +61,7 @@ rule fit_model:
         mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
         gpu=lambda w: model_block(w.model).get("gpu", 0),
     conda:
-        "../../envs/models.yaml"
+        model_env
     shell:
         "python -m lingshu fit --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
@@ -92,7 +92,7 @@ rule predict:
         mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
         gpu=lambda w: model_block(w.model).get("gpu", 0),
     conda:
-        "../../envs/models.yaml"
+        model_env
     shell:
         "python -m lingshu predict --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --truth {input.truth} --model-file {input.model} "

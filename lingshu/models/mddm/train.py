@@ -452,7 +452,8 @@ def train(model: nn.Module,
           resume: bool = True,
           progress: bool = True,
           init_state_dict: dict | None = None,
-          loss_curve_path: str | Path | None = None) -> TrainResult:
+          loss_curve_path: str | Path | None = None,
+          fingerprint: str | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps; see the module docstring.
 
     ``sample_batch(n, generator)`` returns n cells (any nesting of tensors; moved to the
@@ -460,6 +461,9 @@ def train(model: nn.Module,
     those cells. Both get the loop's generator, which lives on the training device.
     With ``resume`` and an existing checkpoint, training continues from its step (and
     ``init_state_dict`` is ignored); a checkpoint already at ``cfg.steps`` returns at once.
+    ``fingerprint`` names the run's inputs (data, parameters, initial weights): a checkpoint
+    written under another fingerprint is stale (left by a run on other inputs) and is not
+    resumed; training starts afresh and overwrites it.
     The model is trained in place and holds the raw (not EMA) weights at the end.
     """
     checkpoint_path = Path(checkpoint_path)
@@ -492,14 +496,15 @@ def train(model: nn.Module,
     try:
         return _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume,
                       progress and main, init_state_dict, loss_curve_path, rank, world,
-                      micro, n_micro)
+                      micro, n_micro, fingerprint)
     finally:
         if created_group:
             ddp_cleanup()
 
 
 def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, show_bar,
-           init_state_dict, loss_curve_path, rank, world, micro, n_micro) -> TrainResult:
+           init_state_dict, loss_curve_path, rank, world, micro, n_micro,
+           fingerprint=None) -> TrainResult:
     main = rank == 0
     model = unwrap_model(model).to(device)
     model.train()
@@ -510,6 +515,12 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
         ckpt = load_checkpoint(checkpoint_path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{checkpoint_path}: not a {CHECKPOINT_FORMAT} checkpoint")
+        if fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
+            if main:
+                log.warning("%s was written for other inputs (data, parameters or initial "
+                            "weights); not resuming it, training afresh", checkpoint_path)
+            ckpt = None
+    if ckpt is not None:
         old = ckpt.get("config", {})
         changed = {k: (old.get(k), v) for k, v in cfg.to_dict().items()
                    if k in old and old[k] != v}
@@ -566,6 +577,7 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
             "ema": ema.state_dict(),
             "losses": list(losses),
             "config": cfg.to_dict(),
+            "fingerprint": fingerprint,
             "world_size": world,
             "rng": {"generator": [s["generator"] for s in snaps],
                     "torch_cpu": [s["torch_cpu"] for s in snaps],
