@@ -30,7 +30,8 @@ TINY = {
                "lingshu": {"preset": "tiny", "pretrain_steps": 10, "finetune_steps": 20,
                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10,
                            "threads": 1},
-               "state": {"preset": "tiny", "threads": 1}},
+               "state": {"preset": "tiny", "threads": 1},
+               "scldm": {"preset": "tiny", "threads": 1}},
 }
 
 
@@ -52,7 +53,7 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
 
     ds = results / "tiny_genetic"
     table = pd.read_csv(ds / "report" / "table.tsv", sep="\t")
-    assert {"control_mean", "perturbation_mean", "linear", "lingshu", "state"} <= set(
+    assert {"control_mean", "perturbation_mean", "linear", "lingshu", "state", "scldm"} <= set(
         table["model"])
     assert (ds / "models" / "lingshu" / "pretrain.pt").exists()
     assert (ds / "report" / "report.html").stat().st_size > 10_000
@@ -60,11 +61,11 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
     for name in ("metric_bars", "delta_scatter", "per_condition_distributions"):
         assert (ds / "report" / "figures" / f"{name}.png").exists()
     for rule in ("preprocess", "split", "evaluate_linear", "ceiling", "pretrain_lingshu",
-                 "fit_lingshu", "fit_state", "predict_state"):
+                 "fit_lingshu", "fit_state", "predict_state", "pretrain_scldm", "fit_scldm"):
         assert (ds / "benchmarks" / f"{rule}.tsv").exists()
         assert (ds / "logs" / f"{rule}.log").exists()
     summaries = {m: json.loads((ds / "eval" / m / "summary.json").read_text())["metrics"]
-                 for m in ("linear", "lingshu", "state")}
+                 for m in ("linear", "lingshu", "state", "scldm")}
 
     # Determinism: a second run from scratch gives the same numbers.
     again = tmp_path / "again"

@@ -16,11 +16,12 @@ MODELS: dict[str, str] = {
     "linear": "lingshu.models.baselines:LinearModel",
     "lingshu": "lingshu.models.lingshu_cell:LingshuCell",
     "state": "lingshu.models.state:StateModel",
+    "scldm": "lingshu.models.scldm_model:ScLDM",
 }
 BASELINES = ("control_mean", "perturbation_mean", "linear")
 
 # Models with an unconditional pre-training stage of their own (a pipeline rule before fit).
-PRETRAINING = {"lingshu"}
+PRETRAINING = {"lingshu", "scldm"}
 
 # Models whose jobs run in a conda env of their own (envs/<env>.yaml); the rest use models.yaml.
 MODEL_ENVS = {"state": "state"}

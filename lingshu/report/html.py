@@ -45,6 +45,10 @@ MODEL_NOTES = {
     "simple and hard to beat.",
     "lingshu": "Lingshu-Cell, the masked discrete diffusion model over the whole transcriptome "
     "(this project's implementation; pre-trained, then fine-tuned on the training cells).",
+    "scldm": "scLDM (CZI's latent diffusion model, this project's implementation from the "
+    "paper): a permutation-invariant negative-binomial autoencoder, then a Diffusion "
+    "Transformer on its latent tokens trained by flow matching, sampled with classifier-free "
+    "guidance.",
     "state": "STATE (Arc Institute's State Transition model), trained and run by the arc-state "
     "package itself: sets of control cells plus a perturbation encoding through a "
     "bidirectional LLaMA to the perturbed set, energy-distance loss. Held-out perturbations "
