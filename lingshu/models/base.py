@@ -9,7 +9,9 @@ normalise them with :func:`lingshu.data.normalize.log1p_cp10k`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -141,15 +143,16 @@ def data_fingerprint(data: TrainingData, **extra: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@contextlib.contextmanager
+def model_workdir(path: str | Path | None, prefix: str) -> Iterator[Path]:
+    """A model's folder for training files: ``path`` (created), or a temporary folder that
+    is removed afterwards when the caller gave none."""
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -27,13 +27,13 @@ import scipy.sparse as sp
 import torch
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.models.base import (
     ConditionInput,
     PerturbationModel,
     TrainingData,
     data_fingerprint,
-    file_sha256,
 )
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
@@ -195,7 +195,7 @@ class LingshuCell(PerturbationModel):
                        loss_curve_path=workdir / "finetune_loss.png",
                        fingerprint=data_fingerprint(
                            data, stage="finetune", params=self.cfg,
-                           init=file_sha256(init) if init is not None else None))
+                           init=sha256_file(init) if init is not None else None))
         log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         net.load_state_dict(ema_weights(load_checkpoint(workdir / "finetune_state.pt")))

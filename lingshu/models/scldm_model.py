@@ -38,10 +38,7 @@ our choice (*unknown* in the SPEC's sense) and a config option.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +48,7 @@ import scipy.sparse as sp
 import torch
 
 from lingshu.constants import CONTEXT_COL, PERT_COL, TARGET_SUM
+from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.simulate import sample_negative_binomial
 from lingshu.models.base import (
@@ -58,7 +56,7 @@ from lingshu.models.base import (
     PerturbationModel,
     TrainingData,
     data_fingerprint,
-    file_sha256,
+    model_workdir,
 )
 from lingshu.models.features import SOURCE_COL, feature_matrix
 from lingshu.models.mddm.train import (
@@ -129,17 +127,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@contextlib.contextmanager
-def _workdir(path: Path | None) -> Iterator[Path]:
-    """The model's folder for training state, or a temporary one removed afterwards."""
-    if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="scldm-") as tmp:
-        yield Path(tmp)
 
 
 def _dense(counts: sp.csr_matrix, rows: np.ndarray | None = None) -> torch.Tensor:
@@ -220,7 +207,7 @@ class ScLDM(PerturbationModel):
             nll, kl = model(batch, noise)  # (B,), (B,)
             return (nll + kl_weight * kl).mean() / n_genes  # per gene, as the LR expects
 
-        with _workdir(data.workdir or Path(out_path).parent) as workdir:
+        with model_workdir(data.workdir or Path(out_path).parent, "scldm-") as workdir:
             state_path = workdir / "autoencoder_state.pt"
             result = train(ae, loss_fn, sample_batch, self._train_config("ae", data.seed),
                            state_path, device=self.device,
@@ -281,7 +268,7 @@ class ScLDM(PerturbationModel):
         torch.manual_seed(data.seed)
         self.genes = [str(g) for g in data.genes]
         counts = sp.csr_matrix(data.counts, dtype=np.float32)
-        with _workdir(data.workdir) as workdir:
+        with model_workdir(data.workdir, "scldm-") as workdir:
             if init is None:
                 init = workdir / "autoencoder.pt"
                 self.pretrain(data, init)
@@ -329,7 +316,7 @@ class ScLDM(PerturbationModel):
                            workdir / "flow_state.pt", device=self.device,
                            loss_curve_path=workdir / "flow_loss.png",
                            fingerprint=data_fingerprint(data, stage="flow", params=self.cfg,
-                                                        init=file_sha256(init)))
+                                                        init=sha256_file(init)))
             dit.load_state_dict(ema_weights(load_checkpoint(workdir / "flow_state.pt")))
         self.dit = dit.to(self.device).eval()
 

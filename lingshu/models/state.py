@@ -56,7 +56,12 @@ import scipy.sparse as sp
 
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.normalize import log1p_cp10k
-from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
+from lingshu.models.base import (
+    ConditionInput,
+    PerturbationModel,
+    TrainingData,
+    model_workdir,
+)
 from lingshu.models.features import SOURCE_COL
 
 log = logging.getLogger(__name__)
@@ -129,7 +134,8 @@ def _run(cmd: list[str], log_path: Path, threads: int, timeout: float | None,
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise StateError(f"{what} ran past timeout_s={timeout}; its log is {log_path}") from None
+            raise StateError(f"{what} ran past timeout_s={timeout}; "
+                             f"its log is {log_path}") from None
     if proc.returncode != 0:
         tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-40:])
         raise StateError(f"{what} failed with exit status {proc.returncode}; its log is "
@@ -280,15 +286,18 @@ class StateModel(PerturbationModel):
 
     # ------------------------------------------------------------------ training
     def fit(self, data: TrainingData) -> None:
-        import torch
-
         if not state_available():
             raise StateError("state: the arc-state package is not installed. Fix: pip install "
                              "-e '.[state]' (or use envs/state.yaml)")
         if CONTROL not in set(data.obs[PERT_COL]):
             raise StateError("state: the training cells hold no control cells; STATE maps "
                              "every perturbed cell to a control cell of its context")
-        workdir = Path(data.workdir or tempfile.mkdtemp(prefix="state_"))
+        with model_workdir(data.workdir, "state_") as workdir:
+            self._fit_in(data, workdir)
+
+    def _fit_in(self, data: TrainingData, workdir: Path) -> None:
+        import torch
+
         root = workdir / "state"
         root.mkdir(parents=True, exist_ok=True)
         self.threads = max(1, int(data.threads))
