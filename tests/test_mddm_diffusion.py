@@ -186,3 +186,11 @@ def test_sampler_with_the_real_network():
     uncond = {"context": torch.zeros(B, dtype=torch.long), "perturbation": torch.zeros(B, dtype=torch.long)}
     out = sample(lambda x, c: net(x, **c), B, G, 3, gen(0), cond=cond, uncond=uncond, guidance=2.0)
     assert out.shape == (B, G) and (out < V).all()
+
+
+def test_selective_sampling_gives_the_same_cells():
+    torch.manual_seed(0)
+    net = LingshuNetwork(config_from_preset("tiny", 40)).eval()
+    full = sample(lambda x, c: net(x), 6, 40, 16, gen(4))
+    part = sample(lambda x, c, select=None: net(x, select=select), 6, 40, 16, gen(4), select=True)
+    assert torch.equal(full, part)

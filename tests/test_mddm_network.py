@@ -161,3 +161,16 @@ def test_backward_reaches_every_parameter():
     out.square().mean().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_selected_logits_equal_the_full_logits_at_those_genes():
+    for net, kw in ((tiny(), {}),
+                    (conditional(), {"context": torch.tensor([0, 1, 2]),
+                                     "perturbation": torch.tensor([1, 0, 4])})):
+        tokens = random_tokens()
+        select = torch.rand(3, G, generator=torch.Generator().manual_seed(1)) < 0.3
+        with torch.no_grad():
+            full = net(tokens, **kw)
+            part = net(tokens, select=select, **kw)
+        assert part.shape == (int(select.sum()), N_EXPR_TOKENS)
+        torch.testing.assert_close(part, full[select], rtol=1e-5, atol=1e-5)

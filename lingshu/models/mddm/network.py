@@ -288,10 +288,14 @@ class LingshuNetwork(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def forward(self, tokens, context=None, perturbation=None, pert_features=None, target_genes=None) -> torch.Tensor:
+    def forward(self, tokens, context=None, perturbation=None, pert_features=None,
+                target_genes=None, select=None) -> torch.Tensor:
         """tokens: (B, G) long in [0, 281] (281 = MASK). Conditions as in :meth:`condition_tokens`,
         required for a conditional network and refused by an unconditional one.
-        Returns logits (B, G, 281)."""
+        select: optional (B, G) bool; when given, only the logits of the selected genes are
+        computed (the per-gene head is most of a forward pass when G is large and few genes
+        are read, as in many-step sampling).
+        Returns logits (B, G, 281), or (K, 281) for the K selected genes in row-major order."""
         cfg = self.cfg
         B, G = tokens.shape
         if G != cfg.n_genes:
@@ -319,6 +323,11 @@ class LingshuNetwork(nn.Module):
             x = x[:, N_COND_TOKENS:]  # (B, G/S, D): condition outputs are discarded
 
         x = self.expand(x)  # (B, G/S, S*D)
+        if select is not None:
+            b, g = select.nonzero(as_tuple=True)  # (K,) cells and genes, row-major
+            x = x.reshape(B, -1, cfg.d_model)  # (B, G_pad, D) in permuted gene order
+            h = x[b, self.gene_perm_inv[g]]  # (K, D)
+            return self.head(h) + self.head_bias[g]  # (K, 281)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         return self.head(x) + self.head_bias  # (B, G, 281)
 
