@@ -23,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/generation.smk"
 include: "workflow/rules/report.smk"
 
 

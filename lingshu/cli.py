@@ -146,6 +146,36 @@ def cmd_predict(args) -> None:
                         args.features_used)
 
 
+def cmd_generate(args) -> None:
+    import anndata as ad
+
+    from lingshu.data.split import read_split
+    from lingshu.generation import generate_cells, reference_rows
+    from lingshu.io import write_h5ad
+    from lingshu.models.registry import load_generator
+
+    split = read_split(args.cells, args.conditions)
+    processed = ad.read_h5ad(args.processed, backed="r")  # the gene list only
+    genes = processed.var_names.to_numpy()
+    processed.file.close()
+    model = load_generator(args.model, _json(args.params), args.checkpoint)
+    model.threads = max(1, int(args.threads))
+    _limit_threads(args.threads)
+    n_cells = int(reference_rows(split).size)
+    if n_cells == 0:
+        raise InputError(f"{args.cells}: no reference cells to generate against. Fix: set "
+                         "split.reference_fraction above 0 in the dataset's config entry")
+    write_h5ad(generate_cells(model, genes, n_cells, seed=args.seed), args.out)
+
+
+def cmd_generation_eval(args) -> None:
+    from lingshu.generation import evaluate_generation
+
+    adata, split = _load(args.processed, args.cells, args.conditions)
+    generated = dict(pair.split("=", 1) for pair in args.generated)
+    evaluate_generation(adata, split, generated, args.outdir, seed=args.seed)
+
+
 def cmd_evaluate(args) -> None:
     from lingshu.evaluate.perturbation import evaluate_to_dir
 
@@ -161,7 +191,7 @@ def cmd_report(args) -> None:
     build_report(dataset=args.dataset, eval_dirs=eval_dirs, ceiling_dir=args.ceiling_dir,
                  truth_path=args.truth, pred_paths=preds, outdir=args.outdir,
                  benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed,
-                 features_used=args.features_used)
+                 features_used=args.features_used, generation_dir=args.generation_dir)
 
 
 def cmd_index(args) -> None:
@@ -249,6 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--features-used", required=True)
 
+    p = add("generate", cmd_generate, "generate cells unconditionally (generative models)")
+    add_data_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--params", default="{}")
+    p.add_argument("--checkpoint", required=True,
+                   help="pretrain.pt (Lingshu-Cell) or model.npz (scLDM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+    p = add("generation-eval", cmd_generation_eval,
+            "score generated cells against the reference cells; table and figures")
+    add_data_args(p)
+    p.add_argument("--generated", nargs="*", default=[], metavar="MODEL=H5AD")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outdir", required=True)
+
     p = add("evaluate", cmd_evaluate, "score a prediction with cell-eval")
     p.add_argument("--truth", required=True)
     p.add_argument("--pred", help="prediction h5ad (not needed with --ceiling)")
@@ -264,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-dir")
     p.add_argument("--benchmarks", nargs="*", default=[])
     p.add_argument("--features-used", help="a predictions/<model>.features.tsv")
+    p.add_argument("--generation-dir", help="the generation/ folder (generation fidelity)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outdir", required=True)

@@ -85,6 +85,10 @@ def _check_cross_fields(config: dict, source: str) -> None:
         if unknown:
             raise InputError(f"{source}: datasets.{name}.models: {sorted(unknown)} are not "
                              f"configured under models. Fix: add them to `models` or remove them")
+        extra = set(entry.get("model_params") or {}) - models
+        if extra:
+            raise InputError(f"{source}: datasets.{name}.model_params: {sorted(extra)} are not "
+                             f"configured under models. Fix: add them to `models` or remove them")
         split = entry["split"]
         if split["kind"] == "heldout_perturbations" and not (
             split.get("test_perturbations") or split.get("n_test_perturbations")

@@ -18,6 +18,7 @@ BATCH_COL = "batch"
 SPLIT_TRAIN = "in_train"  # the cell may be used to fit models
 SPLIT_TEST = "in_test"  # the cell is held-out truth for a test condition
 SPLIT_CONTROL_INPUT = "in_control_input"  # control cell handed to models at prediction time
+SPLIT_REFERENCE = "in_reference"  # kept out of all training: the generation-fidelity reference
 
 # Expression space of predictions and of the truth used for evaluation.
 TARGET_SUM = 1e4  # log1p(counts / library * 1e4), the CP10k convention of SPEC 5

@@ -80,3 +80,24 @@ def test_predictions_depend_on_the_condition(fitted):
 def test_unknown_parameter_is_named():
     with pytest.raises(ValueError, match="pretrain_stepz"):
         build_model("lingshu", {"pretrain_stepz": 3})
+
+
+def test_unconditional_generation_from_the_pretrained_model(fitted):
+    from lingshu.generation import generate_cells
+    from lingshu.models.registry import load_generator
+
+    adata, _, _, work = fitted
+    params = dict(TINY, unconditional_steps=12)
+    model = load_generator("lingshu", params, str(work / "pretrain.pt"))
+    cells = generate_cells(model, adata.var_names.to_numpy(), 10, seed=2, progress=False)
+    counts = cells.layers["counts"].toarray()
+    assert counts.shape == (10, adata.n_vars) and (counts >= 0).all()
+    assert np.array_equal(counts, np.round(counts))  # detokenised counts are integers
+    assert counts.sum() > 0 and len({tuple(r) for r in counts}) == 10  # cells differ
+    again = generate_cells(load_generator("lingshu", params, str(work / "pretrain.pt")),
+                           adata.var_names.to_numpy(), 10, seed=2, progress=False)
+    np.testing.assert_array_equal(again.layers["counts"].toarray(), counts)
+    with pytest.raises(ValueError, match="genes differ"):
+        generate_cells(model, adata.var_names.to_numpy()[::-1], 10, seed=2, progress=False)
+    with pytest.raises(ValueError, match="not a Lingshu-Cell pre-training checkpoint"):
+        load_generator("lingshu", params, str(work / "finetune_state.pt"))

@@ -23,13 +23,14 @@ TINY = {
                                     "gene_mean_median": 0.3}},
             "columns": {"perturbation": "perturbation", "control": "control",
                         "context": "cell_type", "batch": "donor"},
-            "split": {"kind": "heldout_perturbations", "n_test_perturbations": 2},
+            "split": {"kind": "heldout_perturbations", "n_test_perturbations": 2,
+                      "max_reference_cells": 60},
         },
     },
     "models": {"control_mean": {}, "perturbation_mean": {}, "linear": {"ridge": 0.1},
                "lingshu": {"preset": "tiny", "pretrain_steps": 10, "finetune_steps": 20,
                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10,
-                           "threads": 1},
+                           "unconditional_steps": 24, "threads": 1},
                "state": {"preset": "tiny", "threads": 1},
                "scldm": {"preset": "tiny", "threads": 1}},
 }
@@ -67,9 +68,24 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
     summaries = {m: json.loads((ds / "eval" / m / "summary.json").read_text())["metrics"]
                  for m in ("linear", "lingshu", "state", "scldm")}
 
+    # Generation fidelity: both generative models, the sampling floor, figures, in the report.
+    generation = pd.read_csv(ds / "generation" / "table.tsv", sep="\t")
+    assert {"lingshu", "scldm", "real (training cells)"} <= set(generation["model"])
+    assert (generation.loc[generation["model"] != "real (reference cells)", "n_cells"] == 60).all()
+    for name in ("fidelity_bars", "umap", "markers", "histograms"):
+        assert (ds / "generation" / "figures" / f"{name}.png").stat().st_size > 1000, name
+    page = (ds / "report" / "report.html").read_text()
+    assert "Generation fidelity" in page and "Distribution of the predicted cells" in page
+    assert "Held-out conditions per context" in page  # two contexts
+    for rule in ("generate_lingshu", "generate_scldm", "generation_eval"):
+        assert (ds / "benchmarks" / f"{rule}.tsv").exists(), rule
+
     # Determinism: a second run from scratch gives the same numbers.
     again = tmp_path / "again"
     _run_tiny(again, tmp_path)
     for model, metrics in summaries.items():
         path = again / "tiny_genetic" / "eval" / model / "summary.json"
         assert json.loads(path.read_text())["metrics"] == metrics, model
+    rerun = pd.read_csv(again / "tiny_genetic" / "generation" / "table.tsv", sep="\t")
+    pd.testing.assert_frame_equal(rerun.drop(columns="generate_seconds"),
+                                  generation.drop(columns="generate_seconds"))

@@ -107,3 +107,17 @@ def test_benchmark_table_names_jobs(tmp_path):
     assert list(table["job"]) == ["split/kang", "train/kang"]
     assert table["wall_s"].tolist() == [4.0, 4.0]
     assert table["max_rss_mb"].tolist() == [100.0, 100.0]
+
+
+def test_context_scores_and_prediction_distribution(report_dir):
+    scores = read_table(report_dir / "context_scores.tsv").set_index("model")
+    assert set(scores.columns) == {"A", "B"}
+    assert (scores.loc["control_mean"] == 0).all()  # the reference scores 0 in every context
+    assert (scores.loc["perfect"] > 0.3).all() and (scores.loc["perfect"] <= 1).all()
+    assert (report_dir / "figures" / "context_scores.png").stat().st_size > 0
+    dist = read_table(report_dir / "prediction_distribution.tsv").set_index("model")
+    assert dist.loc["perfect", "mmd"] < dist.loc["perturbation_mean", "mmd"]
+    page = (report_dir / "report.html").read_text()
+    assert "Held-out conditions per context" in page
+    assert "Distribution of the predicted cells" in page
+    assert "Generation fidelity" not in page  # no generation folder given

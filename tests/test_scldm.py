@@ -205,3 +205,21 @@ def test_unknown_parameter_is_named():
         ScLDM(flow_stepz=3)
     with pytest.raises(ValueError, match="preset"):
         ScLDM(preset="huge")
+
+
+def test_unconditional_generation(fitted):
+    from lingshu.generation import generate_cells
+    from lingshu.models.registry import load_generator
+
+    adata, _, work = fitted
+    model = load_generator("scldm", None, str(work / "model.npz"))
+    cells = generate_cells(model, adata.var_names.to_numpy(), 12, seed=1, progress=False)
+    counts = cells.layers["counts"].toarray()
+    assert counts.shape == (12, adata.n_vars) and (counts >= 0).all()
+    assert np.array_equal(counts, np.round(counts)) and counts.sum() > 0
+    # library sizes follow the training cells' (drawn from their quantiles; NB noise on top)
+    train_lib = np.asarray(adata.X.sum(axis=1)).ravel()
+    assert train_lib.min() * 0.3 < np.median(counts.sum(1)) < train_lib.max() * 3
+    again = generate_cells(load_generator("scldm", None, str(work / "model.npz")),
+                           adata.var_names.to_numpy(), 12, seed=1, progress=False)
+    np.testing.assert_array_equal(again.layers["counts"].toarray(), counts)

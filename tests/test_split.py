@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lingshu.constants import SPLIT_CONTROL_INPUT, SPLIT_TEST, SPLIT_TRAIN
+from lingshu.constants import SPLIT_CONTROL_INPUT, SPLIT_REFERENCE, SPLIT_TEST, SPLIT_TRAIN
 from lingshu.data.split import check_no_leakage, make_split, read_split, write_split
 from lingshu.errors import InputError
 
@@ -90,3 +90,36 @@ def test_split_round_trip(tmp_path, tiny_processed):
     back = read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
     pd.testing.assert_frame_equal(back.cells, split.cells, check_dtype=False)
     assert np.array_equal(back.conditions["n_cells"], split.conditions["n_cells"])
+
+
+def test_reference_cells_are_kept_out_of_training_and_seeded(tiny_processed):
+    spec = {"kind": "heldout_perturbations", "test_perturbations": ["G1"],
+            "reference_fraction": 0.2}
+    cells = make_split(tiny_processed.obs, spec, seed=3).cells
+    ref = cells[SPLIT_REFERENCE]
+    eligible = ~cells[SPLIT_TEST] & ~cells[SPLIT_CONTROL_INPUT]
+    assert ref.sum() == round(0.2 * eligible.sum())
+    assert not (ref & (cells[SPLIT_TRAIN] | cells[SPLIT_TEST] | cells[SPLIT_CONTROL_INPUT])).any()
+    assert set(cells.loc[ref, "perturbation"]) > {"control"}  # drawn from every training condition
+    again = make_split(tiny_processed.obs, spec, seed=3).cells
+    assert again[SPLIT_REFERENCE].equals(ref)
+    assert not make_split(tiny_processed.obs, spec, seed=4).cells[SPLIT_REFERENCE].equals(ref)
+    capped = make_split(tiny_processed.obs, dict(spec, max_reference_cells=7), seed=3).cells
+    assert capped[SPLIT_REFERENCE].sum() == 7
+    none = make_split(tiny_processed.obs, dict(spec, reference_fraction=0), seed=3).cells
+    assert not none[SPLIT_REFERENCE].any()
+    # the leakage check refuses a reference cell that trains
+    cells = cells.copy()
+    cells.loc[cells.index[ref.to_numpy()][0], SPLIT_TRAIN] = True
+    with pytest.raises(InputError, match="generation-reference"):
+        check_no_leakage(cells, "heldout_perturbations")
+
+
+def test_split_without_reference_column_reads_as_no_reference(tmp_path, tiny_processed):
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G4"]}, seed=0)
+    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    old = pd.read_csv(tmp_path / "cells.tsv", sep="\t").drop(columns=[SPLIT_REFERENCE])
+    old.to_csv(tmp_path / "cells.tsv", sep="\t", index=False)
+    assert not read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")\
+        .cells[SPLIT_REFERENCE].any()

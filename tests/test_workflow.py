@@ -31,8 +31,20 @@ def test_dry_run_builds_every_stage(configfile, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout + run.stderr
     for rule in ("preprocess", "split", "truth", "features", "fit_model", "predict",
-                 "evaluate", "ceiling", "report", "index"):
+                 "evaluate", "ceiling", "generate", "generation_eval", "report", "index"):
         assert re.search(rf"\b{rule}\b", out), rule
+
+
+def test_dataset_model_params_reach_that_dataset_only(tmp_path):
+    run = _snakemake("-n", "-p", "--configfile", "config/shared_data.yaml", "--config",
+                     f"results_dir={tmp_path}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    fits = [line for line in run.stdout.splitlines()
+            if "lingshu fit" in line and "--model lingshu" in line]
+    kang = [line for line in fits if "/kang/" in line]
+    assert len(fits) == 2 and len(kang) == 1
+    assert '"guidance": 3.0' in kang[0]
+    assert '"guidance": 1.0' in next(line for line in fits if "/papalexi/" in line)
 
 
 def test_a_bad_config_stops_before_any_job(tmp_path):

@@ -9,7 +9,11 @@ Two protocols (SPEC 2.3):
   while the perturbation is seen in other contexts and the context's control cells are seen
   in training; by default those same control cells are the prediction input.
 
-The split is written as two tables: ``cells.tsv`` (one row per cell, three boolean roles) and
+Both protocols also keep a seeded random ``reference_fraction`` of the cells of training
+conditions (at most ``max_reference_cells``) out of all training: the real cells that
+generated cells are compared with (SPEC 2.2).
+
+The split is written as two tables: ``cells.tsv`` (one row per cell, four boolean roles) and
 ``conditions.tsv`` (one row per context x perturbation with its role and cell count).
 """
 
@@ -25,6 +29,7 @@ from lingshu.constants import (
     CONTROL,
     PERT_COL,
     SPLIT_CONTROL_INPUT,
+    SPLIT_REFERENCE,
     SPLIT_TEST,
     SPLIT_TRAIN,
 )
@@ -35,7 +40,8 @@ from lingshu.errors import InputError, input_error
 class Split:
     """A split of one dataset.
 
-    cells: indexed by obs_name; columns context, perturbation, in_train, in_test, in_control_input.
+    cells: indexed by obs_name; columns context, perturbation, in_train, in_test, in_control_input,
+        in_reference.
     conditions: one row per (context, perturbation): n_cells, role in {train, test, control}.
     """
 
@@ -91,6 +97,8 @@ def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") 
 
     in_test = test_mask
     in_train = ~in_test & ~held_controls
+    in_reference = _reference_mask(in_train & ~in_control_input, spec, rng, where)
+    in_train &= ~in_reference
     cells = pd.DataFrame(
         {
             CONTEXT_COL: contexts.to_numpy(),
@@ -98,12 +106,33 @@ def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") 
             SPLIT_TRAIN: in_train,
             SPLIT_TEST: in_test,
             SPLIT_CONTROL_INPUT: in_control_input,
+            SPLIT_REFERENCE: in_reference,
         },
         index=pd.Index(obs.index.astype(str), name="cell"),
     )
     conditions = _condition_table(cells)
     check_no_leakage(cells, kind)
     return Split(cells=cells, conditions=conditions)
+
+
+DEFAULT_REFERENCE_FRACTION = 0.1
+DEFAULT_MAX_REFERENCE_CELLS = 1000
+
+
+def _reference_mask(eligible: np.ndarray, spec: dict, rng, where: str) -> np.ndarray:
+    """A seeded uniform draw of ``reference_fraction`` of the eligible cells (at most
+    ``max_reference_cells``): real cells of training conditions that no model trains on."""
+    frac = float(spec.get("reference_fraction", DEFAULT_REFERENCE_FRACTION))
+    cap = int(spec.get("max_reference_cells", DEFAULT_MAX_REFERENCE_CELLS))
+    if not 0 <= frac < 1:
+        raise input_error(where, "split.reference_fraction", f"{frac} is outside [0, 1)",
+                          "use e.g. 0.1, or 0 for no generation-fidelity reference")
+    idx = np.flatnonzero(eligible)
+    n = min(int(round(frac * idx.size)), cap)
+    mask = np.zeros(eligible.size, dtype=bool)
+    if n > 0:
+        mask[rng.choice(idx, size=n, replace=False)] = True
+    return mask
 
 
 def _heldout_perturbation_mask(perts: pd.Series, spec: dict, rng, where: str) -> np.ndarray:
@@ -208,6 +237,12 @@ def check_no_leakage(cells: pd.DataFrame, kind: str) -> None:
     both = cells[SPLIT_TRAIN] & cells[SPLIT_TEST]
     if both.any():
         raise InputError(f"split leakage: {int(both.sum())} cells are both training and test")
+    if SPLIT_REFERENCE in cells:
+        ref = cells[SPLIT_REFERENCE] & (cells[SPLIT_TRAIN] | cells[SPLIT_TEST]
+                                        | cells[SPLIT_CONTROL_INPUT])
+        if ref.any():
+            raise InputError(f"split leakage: {int(ref.sum())} generation-reference cells also "
+                             "train, are test truth or are control input")
     test_pairs = set(map(tuple, cells.loc[cells[SPLIT_TEST], [CONTEXT_COL, PERT_COL]]
                          .drop_duplicates().to_numpy()))
     train_pairs = set(map(tuple, cells.loc[cells[SPLIT_TRAIN], [CONTEXT_COL, PERT_COL]]
@@ -230,7 +265,9 @@ def read_split(cells_path: str, conditions_path: str) -> Split:
     from lingshu.io import read_table
 
     cells = read_table(cells_path).set_index("cell")
-    for col in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT):
+    if SPLIT_REFERENCE not in cells:  # a split written before generation references existed
+        cells[SPLIT_REFERENCE] = False
+    for col in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT, SPLIT_REFERENCE):
         cells[col] = cells[col].astype(bool)
     cells[CONTEXT_COL] = cells[CONTEXT_COL].astype(str)
     cells[PERT_COL] = cells[PERT_COL].astype(str)

@@ -103,6 +103,14 @@ class PerturbationModel(ABC):
         for condition in tqdm(conditions, desc=f"predict {self.name}", disable=not progress):
             yield self.predict(condition, rng)
 
+    def generate(self, n_cells: int, rng: np.random.Generator,
+                 progress: bool = False) -> np.ndarray:
+        """Return (n_cells, n_genes) raw counts of unconditionally generated cells.
+
+        Only generative models (``registry.GENERATIVE``) implement it.
+        """
+        raise NotImplementedError(f"{self.name} does not generate cells unconditionally")
+
     @abstractmethod
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return (arrays, meta) that :meth:`set_state` restores."""

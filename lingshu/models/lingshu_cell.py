@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.download import sha256_file
@@ -65,8 +66,17 @@ DEFAULTS: dict[str, Any] = {
     "sample_steps": 3,
     "sample_batch": 256,
     "identity_dropout": 0.5,
+    "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "device": "auto",
 }
+
+PRETRAIN_FORMAT = "lingshu-cell-pretrain/1"
+
+
+def pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a pre-training checkpoint (also one saved as a bare state dict)."""
+    ckpt = load_checkpoint(path)
+    return ckpt["weights"] if ckpt.get("format") == PRETRAIN_FORMAT else ckpt
 
 
 def _device(name: str) -> torch.device:
@@ -118,7 +128,8 @@ class LingshuCell(PerturbationModel):
         """Train the unconditional model on ``data`` and write its EMA weights to ``out_path``."""
         torch.manual_seed(data.seed)
         tokens = counts_to_tokens(data.counts)
-        net = LingshuNetwork(self._network_config(tokens.shape[1], data.seed)).to(self.device)
+        net_cfg = self._network_config(tokens.shape[1], data.seed)
+        net = LingshuNetwork(net_cfg).to(self.device)
 
         def sample_batch(n, gen):
             idx = torch.randint(tokens.shape[0], (n,), generator=gen)
@@ -138,7 +149,11 @@ class LingshuCell(PerturbationModel):
                        fingerprint=data_fingerprint(data, stage="pretrain", params=self.cfg))
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
-        save_checkpoint(out_path, ema_weights(load_checkpoint(workdir / "pretrain_state.pt")))
+        # Self-describing, so that the unconditional model can be sampled on its own.
+        save_checkpoint(out_path, {
+            "format": PRETRAIN_FORMAT, "network": asdict(net_cfg),
+            "genes": [str(g) for g in data.genes],
+            "weights": ema_weights(load_checkpoint(workdir / "pretrain_state.pt"))})
 
     # ------------------------------------------------------------------ fine-tuning
     def fit(self, data: TrainingData, init: str | Path | None = None) -> None:
@@ -167,7 +182,7 @@ class LingshuCell(PerturbationModel):
             tokens.shape[1], data.seed, n_contexts=len(self.contexts),
             n_perturbations=len(self.perturbations) + 1)
         net = LingshuNetwork(self.net_cfg).to(self.device)
-        init_state = load_checkpoint(init) if init is not None else None
+        init_state = pretrained_weights(init) if init is not None else None
 
         dropout = float(self.cfg["identity_dropout"])
 
@@ -226,17 +241,53 @@ class LingshuCell(PerturbationModel):
         uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
 
-        def model_fn(tokens, cnd):
+        def model_fn(tokens, cnd, select=None):
             b = tokens.shape[0]
-            return self.net(tokens, **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
+            return self.net(tokens, select=select,
+                            **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
 
         blocks = []
         for start in range(0, condition.n_cells, int(self.cfg["sample_batch"])):
             n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
-                         cond=cond, uncond=uncond, guidance=float(self.guidance))
+                         cond=cond, uncond=uncond, guidance=float(self.guidance), select=True)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
+
+    # ------------------------------------------------------------------ unconditional generation
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load the unconditional pre-trained model written by :meth:`pretrain`."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != PRETRAIN_FORMAT:
+            raise ValueError(f"{path}: not a Lingshu-Cell pre-training checkpoint (format "
+                             f"{ckpt.get('format')!r}, expected {PRETRAIN_FORMAT!r}); re-run "
+                             "the pretrain rule")
+        self.genes = list(ckpt["genes"])
+        self.pretrained = LingshuNetwork(NetworkConfig(**ckpt["network"]))
+        self.pretrained.load_state_dict(ckpt["weights"])
+        self.pretrained = self.pretrained.to(self.device).eval()
+
+    def generate(self, n_cells: int, rng: np.random.Generator,
+                 progress: bool = False) -> np.ndarray:
+        """(n_cells, n_genes) raw counts sampled from the unconditional pre-trained model:
+        ``unconditional_steps`` unmasking steps, no guidance (SPEC 1.4)."""
+        if getattr(self, "pretrained", None) is None:
+            raise RuntimeError("lingshu: call load_pretrained() before generate()")
+        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        net = self.pretrained
+
+        def model_fn(tokens, _cond, select=None):
+            return net(tokens, select=select)
+
+        steps, batch = int(self.cfg["unconditional_steps"]), int(self.cfg["sample_batch"])
+        blocks = []
+        starts = range(0, n_cells, batch)
+        for start in tqdm(starts, desc="generate lingshu", unit="batch", disable=not progress):
+            n = min(batch, n_cells - start)
+            with torch.no_grad():
+                tok = sample(model_fn, n, len(self.genes), steps, gen, select=True)
+            blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
+        return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
 
     # ------------------------------------------------------------------ state
     def get_state(self):

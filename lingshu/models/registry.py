@@ -23,6 +23,11 @@ BASELINES = ("control_mean", "perturbation_mean", "linear")
 # Models with an unconditional pre-training stage of their own (a pipeline rule before fit).
 PRETRAINING = {"lingshu", "scldm"}
 
+# Generative models that can sample cells unconditionally (generation fidelity, SPEC 2.2), and
+# the stage whose output they sample from: Lingshu-Cell's unconditional pre-trained model, or
+# scLDM's fitted latent model under its null condition.
+GENERATIVE = {"lingshu": "pretrain", "scldm": "fit"}
+
 # Models whose jobs run in a conda env of their own (envs/<env>.yaml); the rest use models.yaml.
 MODEL_ENVS = {"state": "state"}
 
@@ -50,3 +55,15 @@ def load_model(path: str) -> PerturbationModel:
     model = build_model(meta["model"], meta.get("params"))
     model.set_state(arrays, meta)
     return model
+
+
+def load_generator(name: str, params: dict[str, Any] | None, path: str) -> PerturbationModel:
+    """A generative model ready for ``generate()``, from the output of its GENERATIVE stage."""
+    if name not in GENERATIVE:
+        raise KeyError(f"model {name!r} does not generate cells unconditionally; "
+                       f"generative models: {sorted(GENERATIVE)}")
+    if GENERATIVE[name] == "pretrain":
+        model = build_model(name, params)
+        model.load_pretrained(path)
+        return model
+    return load_model(path)

@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
-from lingshu.constants import CONTEXT_COL, PERT_COL, TARGET_SUM
+from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL, TARGET_SUM
 from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.simulate import sample_negative_binomial
@@ -362,6 +363,8 @@ class ScLDM(PerturbationModel):
         lib = np.asarray(counts.sum(axis=1)).ravel()
         ctx = data.obs[CONTEXT_COL].astype(str).to_numpy()
         self.library_fallback = {c: float(np.median(lib[ctx == c])) for c in self.contexts}
+        # 1,001 quantiles of the training library sizes: unconditional generation draws from them.
+        self.library_quantiles = np.quantile(lib, np.linspace(0, 1, 1001)).astype(np.float64)
 
     def _pert_index(self, label: str) -> int:
         return self.perturbations.index(label) + 1 if label in self.perturbations else UNKNOWN
@@ -398,6 +401,33 @@ class ScLDM(PerturbationModel):
         z = z * self.latent_std.to(self.device) + self.latent_mean.to(self.device)
         return self.ae.decode_probs(z).cpu()
 
+    @torch.no_grad()
+    def generate(self, n_cells: int, rng: np.random.Generator,
+                 progress: bool = False) -> np.ndarray:
+        """(n_cells, n_genes) NB counts of unconditionally generated cells.
+
+        The latent flow model runs with the null condition (the unconditional branch it learnt
+        through condition dropout, no guidance); library sizes are drawn from the training
+        cells' library-size distribution (1,001 stored quantiles, interpolated).
+        """
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        theta = self.ae.theta().detach().cpu().numpy().astype(np.float64)
+        shape = (self.ae_cfg.latent_tokens, self.ae_cfg.latent_dim)
+        batch, blocks = int(self.cfg["sample_batch"]), []
+        starts = range(0, n_cells, batch)
+        for start in tqdm(starts, desc="generate scldm", unit="batch", disable=not progress):
+            n = min(batch, n_cells - start)
+            noise = torch.randn((n, *shape), generator=gen).to(self.device)
+            null = self.condition_tensors(self.contexts[0], CONTROL, n, null=True)
+            z = euler_sample(self.dit, noise, int(self.cfg["sample_steps"]), null)
+            z = z * self.latent_std.to(self.device) + self.latent_mean.to(self.device)
+            shares = self.ae.decode_probs(z).cpu().double().numpy()
+            lib = np.interp(rng.uniform(0, 1, n), np.linspace(0, 1, 1001),
+                            self.library_quantiles)
+            blocks.append(sample_negative_binomial(shares * lib[:, None], theta, rng)
+                          .astype(np.float32))
+        return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
+
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         library = np.asarray(condition.control_counts.sum(axis=1)).ravel() \
@@ -432,6 +462,7 @@ class ScLDM(PerturbationModel):
         arrays["latent_std"] = self.latent_std.numpy()
         arrays["features"] = self.features.numpy()
         arrays["has_features"] = self.has_features.numpy()
+        arrays["library_quantiles"] = self.library_quantiles
         meta = {"autoencoder": asdict(self.ae_cfg), "dit": asdict(self.dit_cfg),
                 "genes": self.genes, "contexts": self.contexts,
                 "perturbations": self.perturbations, "feature_labels": self.feature_labels,
@@ -456,6 +487,9 @@ class ScLDM(PerturbationModel):
         self.latent_std = torch.from_numpy(arrays["latent_std"])
         self.features = torch.from_numpy(arrays["features"])
         self.has_features = torch.from_numpy(arrays["has_features"])
+        # Model files written before unconditional generation existed: the context medians.
+        self.library_quantiles = arrays.get(
+            "library_quantiles", np.full(1001, np.median(list(self.library_fallback.values()))))
 
     def _load_module(self, module: torch.nn.Module, arrays: dict[str, np.ndarray],
                      prefix: str) -> torch.nn.Module:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.generation import figure_names
 from lingshu.io import atomic_path, read_table, write_table
 from lingshu.report import figures
 from lingshu.report.html import render_report
 from lingshu.report.tables import (
     benchmark_table,
+    context_scores,
     full_metrics_table,
     load_ceiling,
     load_per_condition,
@@ -49,6 +52,7 @@ def build_report(
     n_boot: int = 1000,
     seed: int = 0,
     features_used: str | None = None,
+    generation_dir: str | None = None,
 ) -> None:
     """Build the report of one dataset into ``outdir``.
 
@@ -65,6 +69,8 @@ def build_report(
         seed: seed of the bootstrap (and of the plot jitter).
         features_used: a ``predictions/<model>.features.tsv`` (the same for every model), shown
             as the table of which perturbation features each test condition got.
+        generation_dir: the ``generation/`` folder of :func:`lingshu.generation.
+            evaluate_generation` (table and figures of generation fidelity), or None.
     """
     out = Path(outdir)
     per_condition = load_per_condition(eval_dirs)
@@ -87,6 +93,30 @@ def build_report(
 
     n_conditions, n_contexts = _test_set_size(truth_path)
     features = read_table(features_used) if features_used else None
+
+    # Distribution of the predicted cells of each held-out condition against the real ones.
+    from lingshu.evaluate.fidelity import condition_fidelity
+
+    truth = ad.read_h5ad(truth_path)
+    distribution = pd.DataFrame([
+        {"model": model, **condition_fidelity(truth, ad.read_h5ad(path), seed=seed)
+         [["pearson_mean", "mmd", "wasserstein"]].mean().to_dict()}
+        for model, path in pred_paths.items()])
+    write_table(distribution, out / "prediction_distribution.tsv")
+
+    by_context = context_scores(per_condition) if n_contexts > 1 else pd.DataFrame()
+    context_png = None
+    if len(by_context):
+        write_table(by_context, out / "context_scores.tsv")
+        context_png = fig_dir / "context_scores.png"
+        figures.context_score_bars(by_context, context_png)
+
+    generation = None
+    if generation_dir is not None:
+        gen_dir = Path(generation_dir)
+        generation = (read_table(gen_dir / "table.tsv"),
+                      [p for p in (gen_dir / "figures" / n for n in figure_names()) if p.exists()])
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
-                         features)
+                         features, distribution=distribution, context_scores=by_context,
+                         context_png=context_png, generation=generation)
     _write_text(page, out / "report.html")

@@ -205,3 +205,28 @@ def per_condition_distributions(per_condition: dict[str, pd.DataFrame], path: st
     fig.suptitle("Per-condition distributions", fontsize=12)
     fig.tight_layout()
     _save(fig, path)
+
+
+def context_score_bars(scores: pd.DataFrame, path: str | Path) -> None:
+    """Average score (vs control_mean) per held-out context, one bar per model: the paper's
+    PBMC cytokine figure in the identity x perturbation protocol.
+
+    ``scores`` is :func:`lingshu.report.tables.context_scores`.
+    """
+    contexts = [c for c in scores.columns if c != "model"]
+    models = scores["model"].tolist()
+    colors = _colors(models)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(contexts) * max(1, len(models)) / 3), 3.4))
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(contexts))
+    for i, model in enumerate(models):
+        values = scores.loc[scores["model"] == model, contexts].to_numpy(float).ravel()
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, values, width, label=model,
+               color=colors[model])
+    ax.set_xticks(x, contexts, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("average score vs control_mean")
+    ax.set_title("Held-out conditions per context (identity x perturbation)", fontsize=10)
+    ax.axhline(0, color="#888", linewidth=0.8)
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)

@@ -133,6 +133,59 @@ def _ceiling_sentence(table: pd.DataFrame) -> str:
     return f"<p><b>Data ceiling</b>: {html.escape(', '.join(parts) or 'undefined for every metric')}.</p>"
 
 
+GENERATION_NOTES = (
+    "Each generative model samples cells <b>unconditionally</b> (Lingshu-Cell: its pre-trained "
+    "unconditional model, 256 unmasking steps, no guidance; scLDM: its latent flow model under "
+    "the null condition), as many as the split's <b>reference cells</b>: real cells of training "
+    "conditions that no model trained on. Everything is on log1p(CP10k). <b>Pearson / "
+    "Spearman</b>: of the per-gene means. <b>MMD</b>: squared maximum mean discrepancy with a "
+    "5-scale Gaussian kernel (base bandwidth = mean squared pairwise distance, multiplier 2) in "
+    "a PCA fitted on real and generated cells together; lower is better. <b>1-Wasserstein</b>: "
+    "per gene, averaged over genes; lower is better. <b>iLISI</b>: local inverse Simpson index "
+    "of real vs generated in that PCA, median, scaled to 0 (no mixing) .. 1 (perfect mixing). "
+    "<b>Cell-type TVD</b>: total-variation distance between the reference's cell-type "
+    "proportions and those of the generated cells as judged by a classifier (PCA + logistic "
+    "regression) trained on real training cells; <code>share</code> columns give the "
+    "proportions. The <b>real (training cells)</b> row scores an equally large sample of real "
+    "training cells: the floor that sampling noise sets at this number of cells."
+)
+
+
+def _context_html(scores: pd.DataFrame | None, png: Path | None) -> str:
+    if scores is None or not len(scores):
+        return ""
+    figure = _embed(png) if png is not None and png.exists() else ""
+    return (
+        "<h2>Held-out conditions per context (identity x perturbation)</h2>"
+        "<p>The paper's average score (against control_mean of the same context) over each "
+        "context's held-out conditions: which cell types or donors a model transfers "
+        "perturbation responses to.</p>" + _frame_html(scores) + figure
+    )
+
+
+def _distribution_html(distribution: pd.DataFrame | None) -> str:
+    if distribution is None or not len(distribution):
+        return ""
+    return (
+        "<h2>Distribution of the predicted cells</h2>"
+        "<p>Per held-out condition, the predicted cells against the real ones (generation-"
+        "fidelity metrics, see below), averaged over conditions: Pearson of gene means (higher "
+        "is better), MMD in a joint PCA and mean per-gene 1-Wasserstein (lower is better). "
+        "Models that output one mean profile per condition have no spread and score poorly on "
+        "MMD and 1-Wasserstein by construction.</p>" + _frame_html(distribution, 4)
+    )
+
+
+def _generation_html(generation: tuple[pd.DataFrame, list[Path]] | None) -> str:
+    if generation is None:
+        return ""
+    table, pngs = generation
+    return (
+        "<h2>Generation fidelity (layout of the paper's Table 1)</h2>"
+        f"<p>{GENERATION_NOTES}</p>" + _frame_html(table, 4) + "".join(_embed(p) for p in pngs)
+    )
+
+
 def render_report(
     dataset: str,
     table: pd.DataFrame,
@@ -142,6 +195,10 @@ def render_report(
     n_contexts: int,
     benchmarks: pd.DataFrame | None = None,
     features_used: pd.DataFrame | None = None,
+    distribution: pd.DataFrame | None = None,
+    context_scores: pd.DataFrame | None = None,
+    context_png: Path | None = None,
+    generation: tuple[pd.DataFrame, list[Path]] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -154,6 +211,11 @@ def render_report(
         benchmarks: :func:`lingshu.report.tables.benchmark_table`, or None.
         features_used: per test condition, the source of the perturbation features every
             model was given (``file``, ``target_pca``, ``unknown``), or None.
+        distribution: per model, the mean over test conditions of the distribution metrics of
+            its predicted cells against the real ones (pearson_mean, mmd, wasserstein).
+        context_scores / context_png: average score per held-out context and model, and its
+            figure (datasets with several contexts).
+        generation: (table, figures) of generation fidelity, or None.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -176,6 +238,9 @@ def render_report(
         _ceiling_sentence(table),
         "<h2>Figures</h2>",
         *(_embed(f) for f in figures),
+        _context_html(context_scores, context_png),
+        _distribution_html(distribution),
+        _generation_html(generation),
         _notes_html(models),
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",

@@ -208,3 +208,26 @@ def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
             break
         common.append(level[0])
     return tuple(common)
+
+
+def context_scores(per_condition: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The paper's average score per held-out context (cell type or donor) and model.
+
+    The identity x perturbation view of the paper's PBMC cytokine figure: each context's test
+    conditions are summarised on their own and scored against control_mean of that context.
+    Rows: models; columns: contexts (empty when control_mean was not run).
+    """
+    if CONTROL_BASELINE not in per_condition:
+        return pd.DataFrame()
+    contexts = sorted(set().union(*(set(t["context"].astype(str)) for t in per_condition.values())))
+    rows = []
+    for model, table in per_condition.items():
+        row: dict[str, object] = {"model": model}
+        for ctx in contexts:
+            base = per_condition[CONTROL_BASELINE]
+            mine = table[table["context"].astype(str) == ctx]
+            ref = base[base["context"].astype(str) == ctx]
+            row[ctx] = (average_score(summarize(mine), summarize(ref))["average_score"]
+                        if len(mine) and len(ref) else np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)

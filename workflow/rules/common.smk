@@ -2,7 +2,7 @@
 import json
 import os
 
-from lingshu.models.registry import MODEL_ENVS, PRETRAINING
+from lingshu.models.registry import GENERATIVE, MODEL_ENVS, PRETRAINING
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
@@ -26,8 +26,12 @@ def models_of(dataset):
     return entry(dataset).get("models") or sorted(config["models"])
 
 
-def model_block(model):
-    return config["models"].get(model) or {}
+def model_block(model, dataset=None):
+    """A model's config block, with the dataset entry's ``model_params`` for it on top."""
+    block = dict(config["models"].get(model) or {})
+    if dataset is not None:
+        block.update((entry(dataset).get("model_params") or {}).get(model) or {})
+    return block
 
 
 def model_env(wildcards):
@@ -35,8 +39,22 @@ def model_env(wildcards):
     return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
 
 
-def model_params_json(model):
-    return json.dumps(model_block(model), sort_keys=True)
+def model_params_json(model, dataset):
+    return json.dumps(model_block(model, dataset), sort_keys=True)
+
+
+def generative_models_of(dataset):
+    """The dataset's models that generate cells unconditionally, when it has reference cells."""
+    if float(entry(dataset)["split"].get("reference_fraction", 0)) <= 0:
+        return []
+    return [m for m in models_of(dataset) if m in GENERATIVE]
+
+
+def generator_checkpoint(wildcards):
+    """What a generative model samples from: its pre-trained or its fitted model."""
+    stage = GENERATIVE[wildcards.model]
+    name = "pretrain.pt" if stage == "pretrain" else "model.npz"
+    return f"{R}/{wildcards.dataset}/models/{wildcards.model}/{name}"
 
 
 def raw_input(wildcards):
@@ -61,6 +79,9 @@ def job_names(dataset):
     for m in models_of(dataset):
         names += [f"pretrain_{m}"] if m in PRETRAINING else []
         names += [f"fit_{m}", f"predict_{m}", f"evaluate_{m}"]
+        names += [f"generate_{m}"] if m in generative_models_of(dataset) else []
+    if generative_models_of(dataset):
+        names.append("generation_eval")
     if config["ceiling"]:
         names.append("ceiling")
     return [f"{R}/{dataset}/benchmarks/{n}.tsv" for n in names]

@@ -11,7 +11,7 @@ rule pretrain_model:
     output:
         f"{R}/{{dataset}}/models/{{model}}/pretrain.pt",
     params:
-        model_params=lambda w: model_params_json(w.model),
+        model_params=lambda w: model_params_json(w.model, w.dataset),
         entry=lambda w: entry_json(w.dataset),
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
@@ -19,10 +19,10 @@ rule pretrain_model:
         f"{R}/{{dataset}}/logs/pretrain_{{model}}.log",
     benchmark:
         f"{R}/{{dataset}}/benchmarks/pretrain_{{model}}.tsv"
-    threads: lambda w: model_block(w.model).get("threads", 2)
+    threads: lambda w: model_block(w.model, w.dataset).get("threads", 2)
     resources:
-        mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model).get("gpu", 0),
+        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
+        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
     conda:
         model_env
     shell:
@@ -47,7 +47,7 @@ rule fit_model:
     output:
         f"{R}/{{dataset}}/models/{{model}}/model.npz",
     params:
-        model_params=lambda w: model_params_json(w.model),
+        model_params=lambda w: model_params_json(w.model, w.dataset),
         entry=lambda w: entry_json(w.dataset),
         init=lambda w, input: " ".join(f"--init {p}" for p in input.pretrained),
         seed=config["seed"],
@@ -56,10 +56,10 @@ rule fit_model:
         f"{R}/{{dataset}}/logs/fit_{{model}}.log",
     benchmark:
         f"{R}/{{dataset}}/benchmarks/fit_{{model}}.tsv"
-    threads: lambda w: model_block(w.model).get("threads", 1)
+    threads: lambda w: model_block(w.model, w.dataset).get("threads", 1)
     resources:
-        mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model).get("gpu", 0),
+        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
+        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
     conda:
         model_env
     shell:
@@ -87,10 +87,10 @@ rule predict:
         f"{R}/{{dataset}}/logs/predict_{{model}}.log",
     benchmark:
         f"{R}/{{dataset}}/benchmarks/predict_{{model}}.tsv"
-    threads: lambda w: model_block(w.model).get("threads", 1)
+    threads: lambda w: model_block(w.model, w.dataset).get("threads", 1)
     resources:
-        mem_mb=lambda w: model_block(w.model).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model).get("gpu", 0),
+        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
+        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
     conda:
         model_env
     shell:

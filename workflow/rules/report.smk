@@ -16,6 +16,9 @@ rule report:
         features_used=lambda w: (
             f"{R}/{w.dataset}/predictions/{models_of(w.dataset)[0]}.features.tsv"
         ),
+        generation=lambda w: (
+            [f"{R}/{w.dataset}/generation/table.tsv"] if generative_models_of(w.dataset) else []
+        ),
     output:
         html=f"{R}/{{dataset}}/report/report.html",
         table=f"{R}/{{dataset}}/report/table.tsv",
@@ -28,6 +31,9 @@ rule report:
         ),
         ceiling=lambda w: (
             f"--ceiling-dir {R}/{w.dataset}/eval/ceiling" if config["ceiling"] else ""
+        ),
+        generation=lambda w, input: (
+            f"--generation-dir {os.path.dirname(input.generation[0])}" if input.generation else ""
         ),
         benchmarks=lambda w: " ".join(job_names(w.dataset)),
         outdir=lambda w: f"{R}/{w.dataset}/report",
@@ -45,7 +51,7 @@ rule report:
     shell:
         "python -m lingshu report --dataset {wildcards.dataset} --truth {input.truth} "
         "--eval {params.evals} --pred {params.preds} {params.ceiling} "
-        "--features-used {input.features_used} "
+        "--features-used {input.features_used} {params.generation} "
         "--benchmarks {params.benchmarks} --bootstrap {params.bootstrap} "
         "--seed {params.seed} --outdir {params.outdir} > {log} 2>&1"
 
