@@ -2,9 +2,10 @@
 
 Every function takes log1p(CP10k) matrices (numpy or scipy sparse, cells x genes, the same
 genes in the same order) and is deterministic given its ``seed``. The established pieces come
-from libraries: PCA and the cell-type classifier from scikit-learn, the 1-Wasserstein distance
-from scipy, LISI from harmonypy (the Python port of Korsunsky et al.'s LISI). The multi-scale
-Gaussian MMD has no library form with the SPEC's bandwidth rule, so it is written out here.
+from libraries: PCA and the cell-type classifier from scikit-learn, the correlations and the
+1-Wasserstein distance from scipy, LISI from harmonypy (the Python port of Korsunsky et al.'s
+LISI). The multi-scale Gaussian MMD has no library form with the SPEC's bandwidth rule (the
+one of scDiffusion), so it is written out here.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from scipy import stats
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 
 GENE_CHUNK = 512  # genes densified at a time by wasserstein_per_gene
+MMD_BLOCK = 1024  # rows of one kernel block in mmd: a block is MMD_BLOCK x n_other float64
+IS_REAL_CONTROL = "is_real_control"
+CONDITION_COLUMNS = [CONTEXT_COL, PERT_COL, "n_truth", "n_pred", "pearson_mean", "mmd",
+                     "wasserstein"]
 
 
 def _dense(x) -> np.ndarray:
+    """``x`` as a dense float64 array (a copy only when needed)."""
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
 def _check_pair(real, generated) -> None:
+    if real.ndim != 2 or generated.ndim != 2:
+        raise ValueError("real and generated must be 2-D (cells x genes)")
     if real.shape[1] != generated.shape[1]:
         raise ValueError(f"real cells have {real.shape[1]} genes, generated cells "
                          f"{generated.shape[1]}; both must share one gene list")
@@ -33,10 +41,24 @@ def _check_pair(real, generated) -> None:
 
 
 def gene_mean_correlation(real, generated) -> dict[str, float]:
-    """Pearson and Spearman correlation of the per-gene means (NaN when a side is constant)."""
+    """Pearson and Spearman correlation of the per-gene means of two sets of cells.
+
+    Parameters
+    ----------
+    real : array or sparse matrix, shape (n_real, n_genes)
+        Real cells, log1p(CP10k).
+    generated : array or sparse matrix, shape (n_gen, n_genes)
+        Generated cells, same genes in the same order.
+
+    Returns
+    -------
+    dict
+        ``{"pearson": float, "spearman": float}``; both NaN when the gene means of one side
+        are constant (a correlation is undefined there).
+    """
     _check_pair(real, generated)
-    a = np.asarray(real.mean(axis=0)).ravel().astype(np.float64)
-    b = np.asarray(generated.mean(axis=0)).ravel().astype(np.float64)
+    a = np.asarray(real.mean(axis=0), dtype=np.float64).ravel()
+    b = np.asarray(generated.mean(axis=0), dtype=np.float64).ravel()
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return {"pearson": float("nan"), "spearman": float("nan")}
     return {"pearson": float(stats.pearsonr(a, b)[0]),
@@ -45,42 +67,120 @@ def gene_mean_correlation(real, generated) -> dict[str, float]:
 
 def joint_pca(real, generated, n_components: int = 50,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of both sets on a PCA fitted to their union: (n_real, k) and (n_gen, k)."""
+    """Scores of both sets on one PCA fitted to their union.
+
+    Parameters
+    ----------
+    real : array or sparse matrix, shape (n_real, n_genes)
+    generated : array or sparse matrix, shape (n_gen, n_genes)
+    n_components : int
+        Number of components, capped at ``min(n_real + n_gen - 1, n_genes)``.
+    seed : int
+        ``random_state`` of scikit-learn's PCA (the randomised solver), for determinism.
+
+    Returns
+    -------
+    real_pcs : ndarray, shape (n_real, k)
+    generated_pcs : ndarray, shape (n_gen, k)
+    """
     from sklearn.decomposition import PCA
 
     _check_pair(real, generated)
     z = np.vstack([_dense(real), _dense(generated)])
-    k = max(1, min(n_components, z.shape[0] - 1, z.shape[1]))
+    k = max(1, min(int(n_components), z.shape[0] - 1, z.shape[1]))
     scores = PCA(n_components=k, random_state=seed).fit_transform(z)
-    return scores[: real.shape[0]], scores[real.shape[0]:]
+    n_real = real.shape[0]
+    return scores[:n_real], scores[n_real:]
+
+
+def _kernel_sum(a: np.ndarray, b: np.ndarray, inv_bandwidths: list[float]) -> float:
+    """Sum over all pairs (i in a, j in b) of sum_s exp(-|a_i - b_j|^2 * inv_bandwidths[s]).
+
+    Works through ``MMD_BLOCK`` rows of ``a`` at a time, so the largest array is
+    ``MMD_BLOCK x len(b)``.
+    """
+    sq_b = np.einsum("ij,ij->i", b, b)
+    total = 0.0
+    for start in range(0, a.shape[0], MMD_BLOCK):
+        blk = a[start:start + MMD_BLOCK]
+        d2 = blk @ b.T
+        d2 *= -2.0
+        d2 += np.einsum("ij,ij->i", blk, blk)[:, None]
+        d2 += sq_b[None, :]
+        np.maximum(d2, 0.0, out=d2)  # rounding can leave tiny negatives
+        tmp = np.empty_like(d2)
+        for inv in inv_bandwidths:
+            np.multiply(d2, -inv, out=tmp)
+            np.exp(tmp, out=tmp)
+            total += float(tmp.sum())
+    return total
 
 
 def mmd(x: np.ndarray, y: np.ndarray, n_kernels: int = 5, multiplier: float = 2.0) -> float:
     """Squared maximum mean discrepancy with a multi-scale Gaussian kernel (SPEC 2.2).
 
-    On the joint set z = [x; y] the base bandwidth is the mean squared distance over distinct
-    pairs, divided by ``multiplier ** (n_kernels // 2)``; the kernel is the sum over
-    i < n_kernels of exp(-d^2 / (base * multiplier ** i)). Returns the biased (V-statistic)
-    estimate mean K_xx + mean K_yy - 2 mean K_xy, so identical sets give exactly 0.
-    x: (n, d); y: (m, d).
+    The kernel is the one of scDiffusion: on the joint set ``z = [x; y]`` (N points) the base
+    bandwidth is the mean squared distance over distinct pairs, ``sum_ij |z_i - z_j|^2 /
+    (N^2 - N)``, divided by ``multiplier ** (n_kernels // 2)``; the kernel is
+    ``k(a, b) = sum_{i < n_kernels} exp(-|a - b|^2 / (base * multiplier ** i))``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, d)
+        First set (e.g. real cells in a joint PCA space).
+    y : ndarray, shape (m, d)
+        Second set, same dimensions.
+    n_kernels : int
+        Number of bandwidths.
+    multiplier : float
+        Ratio of consecutive bandwidths.
+
+    Returns
+    -------
+    float
+        The biased (V-statistic) estimate ``mean K_xx + mean K_yy - 2 mean K_xy``, clipped at
+        0; identical sets give exactly 0. Computed in float64, in row blocks, so the largest
+        temporary is ``MMD_BLOCK x max(n, m)`` (about 40 MB for 5,000 cells a side).
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    z = np.vstack([x, y])
-    sq = (z * z).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)  # (n+m, n+m)
-    n_all = z.shape[0]
-    base = d2.sum() / (n_all * n_all - n_all)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must be 2-D with the same columns, got {x.shape} and {y.shape}")
+    if len(x) == 0 or len(y) == 0:
+        raise ValueError("mmd needs at least one point per set")
+    # Distances do not change under translation; centring on the joint mean keeps the
+    # |a|^2 + |b|^2 - 2ab expansion accurate and gives the pair sum in closed form:
+    # sum_ij |z_i - z_j|^2 = 2 N sum_i |z_i|^2 when sum_i z_i = 0.
+    center = (x.sum(0) + y.sum(0)) / (len(x) + len(y))
+    x, y = x - center, y - center
+    n_all = len(x) + len(y)
+    sq_total = float(np.einsum("ij,ij->", x, x) + np.einsum("ij,ij->", y, y))
+    base = 2.0 * n_all * sq_total / (n_all * n_all - n_all)
     if base <= 0:  # every point identical
         return 0.0
     base /= multiplier ** (n_kernels // 2)
-    kernel = sum(np.exp(-d2 / (base * multiplier ** i)) for i in range(n_kernels))
-    n = x.shape[0]
-    value = kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2.0 * kernel[:n, n:].mean()
-    return float(max(value, 0.0))
+    inv = [1.0 / (base * multiplier ** i) for i in range(n_kernels)]
+    k_xx = _kernel_sum(x, x, inv) / (len(x) * len(x))
+    k_yy = _kernel_sum(y, y, inv) / (len(y) * len(y))
+    k_xy = _kernel_sum(x, y, inv) / (len(x) * len(y))
+    return float(max(k_xx + k_yy - 2.0 * k_xy, 0.0))
 
 
 def wasserstein_per_gene(real, generated) -> float:
-    """Mean over genes of the 1-Wasserstein distance between the two sets' values."""
+    """Mean over genes of the 1-Wasserstein distance between the two sets' values of a gene.
+
+    Parameters
+    ----------
+    real : array or sparse matrix, shape (n_real, n_genes)
+    generated : array or sparse matrix, shape (n_gen, n_genes)
+        The set sizes may differ.
+
+    Returns
+    -------
+    float
+        ``mean_g W1(real[:, g], generated[:, g])`` with ``scipy.stats.wasserstein_distance``
+        (exact for unequal sizes). Genes are densified ``GENE_CHUNK`` at a time, so a sparse
+        18,080-gene matrix is never densified whole.
+    """
     _check_pair(real, generated)
     real = sp.csc_matrix(real) if sp.issparse(real) else np.asarray(real)
     generated = sp.csc_matrix(generated) if sp.issparse(generated) else np.asarray(generated)
@@ -93,13 +193,30 @@ def wasserstein_per_gene(real, generated) -> float:
 
 
 def ilisi(real_pcs: np.ndarray, generated_pcs: np.ndarray, perplexity: float = 30) -> float:
-    """Mixing of real and generated cells: median LISI of the real/generated label on the joint
-    scores (harmonypy), scaled as scib does: (LISI - 1) / (2 - 1); 0 = no mixing, 1 = full."""
+    """Integration LISI of the label real/generated on joint scores, scaled as in scib.
+
+    Parameters
+    ----------
+    real_pcs : ndarray, shape (n_real, k)
+    generated_pcs : ndarray, shape (n_gen, k)
+        Scores in one space, e.g. from :func:`joint_pca`.
+    perplexity : float
+        Perplexity of harmonypy's LISI (it uses ``3 * perplexity`` neighbours); capped at
+        ``(n_real + n_gen - 1) // 3`` so small inputs work.
+
+    Returns
+    -------
+    float
+        ``(median LISI - 1) / (2 - 1)``: 0 = the two sets do not mix, 1 = perfect mixing.
+    """
     import harmonypy
 
-    z = np.vstack([real_pcs, generated_pcs])
-    labels = pd.DataFrame({"source": ["real"] * len(real_pcs) + ["generated"] * len(generated_pcs)})
-    perplexity = min(float(perplexity), max(1.0, (z.shape[0] - 1) // 3))
+    z = np.vstack([np.asarray(real_pcs, np.float64), np.asarray(generated_pcs, np.float64)])
+    if len(real_pcs) == 0 or len(generated_pcs) == 0:
+        raise ValueError("ilisi needs cells on both sides")
+    labels = pd.DataFrame({"source": ["real"] * len(real_pcs)
+                           + ["generated"] * len(generated_pcs)})
+    perplexity = min(float(perplexity), max(1.0, float((z.shape[0] - 1) // 3)))
     lisi = harmonypy.compute_lisi(z, labels, ["source"], perplexity=perplexity)[:, 0]
     return float((np.median(lisi) - 1.0) / (2.0 - 1.0))
 
@@ -108,17 +225,42 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
                          seed: int = 0) -> dict:
     """Cell-type shares of generated cells as judged by a classifier trained on real cells.
 
-    The classifier is PCA (up to 50 components, fitted on ``train_X``) then logistic
-    regression. Returns ``accuracy`` on (real_X, real_labels), ``real`` and ``generated``
-    (label -> share; every class listed), ``predicted_labels`` (the generated cells' labels)
-    and ``tvd``, the total-variation distance 0.5 * sum |p_real - p_generated|.
+    The classifier is PCA (``min(50, n_train - 1, n_genes)`` components, no scaling, fitted on
+    ``train_X``) followed by ``LogisticRegression(max_iter=2000)``. With a single class in
+    the training labels no classifier is fitted: every generated cell gets that label.
+
+    Parameters
+    ----------
+    train_X : array or sparse matrix, shape (n_train, n_genes)
+    train_labels : array-like, shape (n_train,)
+    real_X : array or sparse matrix, shape (n_real, n_genes)
+        Held-out real cells: the classifier's accuracy is measured on them, and their labels
+        give the real proportions.
+    real_labels : array-like, shape (n_real,)
+    generated_X : array or sparse matrix, shape (n_gen, n_genes)
+    seed : int
+        ``random_state`` of the PCA and of the logistic regression.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (float, on real_X), ``real`` and ``generated`` (dict label -> share,
+        every class of train and real labels listed, zeros included), ``predicted_labels``
+        (ndarray of str, shape (n_gen,)) and ``tvd`` = 0.5 * sum |p_real - p_generated|.
     """
     train_labels = np.asarray(train_labels).astype(str)
     real_labels = np.asarray(real_labels).astype(str)
-    classes = sorted(set(train_labels) | set(real_labels))
-    if len(set(train_labels)) == 1:
-        predicted = np.full(generated_X.shape[0], train_labels[0])
-        accuracy = float(np.mean(real_labels == train_labels[0]))
+    if len(train_labels) != train_X.shape[0] or len(real_labels) != real_X.shape[0]:
+        raise ValueError("each label array must have one label per cell of its matrix")
+    if not train_X.shape[1] == real_X.shape[1] == generated_X.shape[1]:
+        raise ValueError(f"train, real and generated cells have different gene counts "
+                         f"({train_X.shape[1]}, {real_X.shape[1]}, {generated_X.shape[1]})")
+    train_classes = sorted(set(train_labels))
+    classes = sorted(set(train_classes) | set(real_labels))
+    if len(train_classes) == 1:
+        predicted = np.full(generated_X.shape[0], train_classes[0])
+        # 1.0 whenever the real cells are that one class too (the single-class case)
+        accuracy = float(np.mean(real_labels == train_classes[0]))
     else:
         from sklearn.decomposition import PCA
         from sklearn.linear_model import LogisticRegression
@@ -142,11 +284,25 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
 
 def fidelity_metrics(real, generated, train_X=None, train_labels=None, real_labels=None,
                      n_components: int = 50, seed: int = 0) -> dict[str, float]:
-    """Every SPEC 2.2 metric of ``generated`` against ``real``.
+    """Every SPEC 2.2 metric of ``generated`` against ``real`` in one call.
 
-    Keys: ``pearson_mean``, ``spearman_mean`` (gene means), ``mmd`` and ``ilisi`` (in the joint
-    PCA space), ``wasserstein``; with ``train_X``, ``train_labels`` and ``real_labels`` also
-    ``celltype_tvd`` and ``celltype_accuracy`` (see :func:`celltype_proportions`).
+    Parameters
+    ----------
+    real : array or sparse matrix, shape (n_real, n_genes)
+    generated : array or sparse matrix, shape (n_gen, n_genes)
+    train_X, train_labels, real_labels : optional
+        Real training cells and labels, and the labels of ``real``, for
+        :func:`celltype_proportions`; all three are needed for the cell-type metrics.
+    n_components : int
+        Dimensions of the joint PCA in which MMD and iLISI are computed.
+    seed : int
+
+    Returns
+    -------
+    dict
+        ``pearson_mean``, ``spearman_mean`` (of gene means), ``mmd`` and ``ilisi`` (joint PCA
+        space), ``wasserstein`` (mean per-gene 1-Wasserstein, expression space); with labels
+        also ``celltype_tvd`` and ``celltype_accuracy``.
     """
     corr = gene_mean_correlation(real, generated)
     real_pcs, gen_pcs = joint_pca(real, generated, n_components=n_components, seed=seed)
@@ -159,39 +315,51 @@ def fidelity_metrics(real, generated, train_X=None, train_labels=None, real_labe
     return out
 
 
-def _perturbed(adata) -> np.ndarray:
-    keep = (adata.obs[PERT_COL].astype(str) != CONTROL).to_numpy()
-    if "is_real_control" in adata.obs:
-        keep &= ~adata.obs["is_real_control"].astype(bool).to_numpy()
-    return keep
+def _condition_rows(adata) -> dict[tuple[str, str], np.ndarray]:
+    """(context, perturbation) -> row indices of the perturbed cells of each condition
+    (control cells and cells flagged ``is_real_control`` left out)."""
+    obs = adata.obs
+    keep = (obs[PERT_COL].astype(str) != CONTROL).to_numpy()
+    if IS_REAL_CONTROL in obs:
+        keep &= ~obs[IS_REAL_CONTROL].astype(bool).to_numpy()
+    rows = np.flatnonzero(keep)
+    keys = obs.iloc[rows][[CONTEXT_COL, PERT_COL]].astype(str)
+    return {key: rows[idx] for key, idx in keys.groupby([CONTEXT_COL, PERT_COL]).indices.items()}
 
 
 def condition_fidelity(truth, pred, n_components: int = 50, seed: int = 0) -> pd.DataFrame:
-    """Distribution metrics of predicted against real cells, per held-out condition.
+    """Distribution metrics of predicted against real cells, per perturbed condition.
 
-    truth / pred: AnnData in log1p space with ``context`` and ``perturbation`` in obs (control
-    cells and rows flagged ``is_real_control`` are ignored). One row per condition present in
-    both: context, perturbation, n_truth, n_pred, pearson_mean, mmd (joint PCA of the
-    condition), wasserstein. Conditions with fewer than 2 cells on a side get NaN metrics.
+    Parameters
+    ----------
+    truth, pred : AnnData
+        Cells in log1p space, the same genes in the same order, with obs columns ``context``,
+        ``perturbation`` and (optionally) ``is_real_control`` (bool). Control cells and cells
+        flagged as real controls are ignored.
+    n_components : int
+        Dimensions of the joint PCA (fitted per condition) in which MMD is computed.
+    seed : int
+
+    Returns
+    -------
+    DataFrame
+        One row per (context, perturbation) present in both, sorted: columns ``context``,
+        ``perturbation``, ``n_truth``, ``n_pred``, ``pearson_mean`` (of gene means), ``mmd``
+        and ``wasserstein``; the metrics are NaN when a side has fewer than 2 cells.
     """
     if list(truth.var_names) != list(pred.var_names):
-        raise ValueError("truth and prediction have different genes")
-    keys = [CONTEXT_COL, PERT_COL]
-    t_keep, p_keep = _perturbed(truth), _perturbed(pred)
-    t_obs = truth.obs.loc[t_keep, keys].astype(str)
-    p_obs = pred.obs.loc[p_keep, keys].astype(str)
-    t_rows, p_rows = np.flatnonzero(t_keep), np.flatnonzero(p_keep)
+        raise ValueError("truth and prediction have different genes (or gene order)")
+    t_rows, p_rows = _condition_rows(truth), _condition_rows(pred)
     rows = []
-    for (ctx, pert), t_idx in t_obs.groupby(keys, sort=True).indices.items():
-        p_hit = p_rows[((p_obs[CONTEXT_COL] == ctx) & (p_obs[PERT_COL] == pert)).to_numpy()]
-        t_hit = t_rows[t_idx]
-        row = {CONTEXT_COL: ctx, PERT_COL: pert, "n_truth": t_hit.size, "n_pred": p_hit.size,
-               "pearson_mean": np.nan, "mmd": np.nan, "wasserstein": np.nan}
+    for key in sorted(set(t_rows) & set(p_rows)):
+        t_hit, p_hit = t_rows[key], p_rows[key]
+        row = {CONTEXT_COL: key[0], PERT_COL: key[1], "n_truth": int(t_hit.size),
+               "n_pred": int(p_hit.size), "pearson_mean": np.nan, "mmd": np.nan,
+               "wasserstein": np.nan}
         if t_hit.size >= 2 and p_hit.size >= 2:
             real, gen = truth.X[t_hit], pred.X[p_hit]
             real_pcs, gen_pcs = joint_pca(real, gen, n_components=n_components, seed=seed)
             row.update(pearson_mean=gene_mean_correlation(real, gen)["pearson"],
                        mmd=mmd(real_pcs, gen_pcs), wasserstein=wasserstein_per_gene(real, gen))
         rows.append(row)
-    return pd.DataFrame(rows, columns=[CONTEXT_COL, PERT_COL, "n_truth", "n_pred",
-                                       "pearson_mean", "mmd", "wasserstein"])
+    return pd.DataFrame(rows, columns=CONDITION_COLUMNS)

@@ -1,36 +1,65 @@
-"""Figures of generation fidelity: UMAP of real vs generated cells, marker-gene dot plot,
-count histograms of a few genes, and the fidelity metrics as bars. Each function writes one
-PNG atomically (see :func:`lingshu.report.figures._save`)."""
+"""Figures of generation fidelity (SPEC 2.2): UMAP of real vs generated cells, marker-gene dot
+plot, count histograms of a few genes, and the fidelity metrics as bars. Each function draws
+one PNG and writes it atomically (see :func:`lingshu.report.figures._save`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import anndata as ad
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-import scipy.sparse as sp
+import matplotlib
 
-from lingshu.report.figures import _colors, _grid, _save
+matplotlib.use("Agg")  # headless: Snakemake jobs and CI have no display
+
+import anndata as ad  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+
+from lingshu.report.figures import _colors, _grid, _save  # noqa: E402
 
 CELL_TYPE = "cell_type"
 REAL = "real"
+REAL_COLOR, GENERATED_COLOR = "#444444", "#e4572e"
+MAX_BINS = 60  # histogram bins at most (integer-wide bins grow past that)
+
+# column -> (panel title, higher is better)
+BAR_METRICS = {"pearson_mean": ("Pearson of gene means", True),
+               "spearman_mean": ("Spearman of gene means", True),
+               "ilisi": ("iLISI", True),
+               "mmd": ("MMD", False),
+               "wasserstein": ("1-Wasserstein", False),
+               "celltype_tvd": ("cell-type TVD", False)}
 
 
-def _check_genes(real: ad.AnnData, generated: dict[str, ad.AnnData]) -> None:
+def _check_inputs(real: ad.AnnData, generated: dict[str, ad.AnnData]) -> None:
+    """Same genes in the same order everywhere, and a ``cell_type`` column on every set."""
+    if not generated:
+        raise ValueError("no generated cells given")
     for name, gen in generated.items():
         if list(gen.var_names) != list(real.var_names):
             raise ValueError(f"generated cells of {name!r} have other genes than the real cells "
-                             f"({gen.n_vars} vs {real.n_vars}); both must share one gene list")
-
-
-def _joint(real: ad.AnnData, generated: dict[str, ad.AnnData]) -> ad.AnnData:
-    """Real and generated cells in one AnnData (X log1p), obs ``source`` and ``cell_type``."""
-    parts = []
+                             f"({gen.n_vars} vs {real.n_vars}, or another order); both must "
+                             "share one gene list")
     for name, cells in {REAL: real, **generated}.items():
-        obs = pd.DataFrame({"source": name, CELL_TYPE: cells.obs[CELL_TYPE].astype(str).to_numpy()},
-                           index=[f"{name}-{i}" for i in range(cells.n_obs)])
+        if CELL_TYPE not in cells.obs:
+            raise ValueError(f"the {name!r} cells have no obs[{CELL_TYPE!r}] column")
+
+
+def _type_colors(types: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(types) <= 10 else "tab20")
+    return {t: cmap(i % cmap.N) for i, t in enumerate(types)}
+
+
+def _joint(real: ad.AnnData, name: str, gen: ad.AnnData) -> ad.AnnData:
+    """Real and generated cells in one AnnData (X log1p, CSR float32), obs ``source`` and
+    ``cell_type``."""
+    parts = []
+    for source, cells in ((REAL, real), (name, gen)):
+        obs = pd.DataFrame({"source": source,
+                            CELL_TYPE: cells.obs[CELL_TYPE].astype(str).to_numpy()},
+                           index=[f"{source}-{i}" for i in range(cells.n_obs)])
         parts.append(ad.AnnData(X=sp.csr_matrix(cells.X, dtype=np.float32), obs=obs))
     joint = ad.concat(parts)
     joint.var_names = real.var_names.astype(str)
@@ -39,18 +68,35 @@ def _joint(real: ad.AnnData, generated: dict[str, ad.AnnData]) -> ad.AnnData:
 
 def umap_real_vs_generated(real: ad.AnnData, generated: dict[str, ad.AnnData],
                            path: str | Path, seed: int = 0) -> None:
-    """One row per model: its cells and the real ones on a UMAP of the two together, coloured
-    by source and by cell type (real: annotated; generated: the classifier's label)."""
+    """UMAP of real and generated cells together, one row of two panels per model.
+
+    Parameters
+    ----------
+    real : AnnData, shape (n_real, n_genes)
+        Real cells in log1p space with obs ``cell_type``.
+    generated : dict of str to AnnData
+        Model name -> its cells (same genes, same order), obs ``cell_type`` = the label the
+        real-cell classifier gave them.
+    path : str or Path
+        The PNG to write.
+    seed : int
+        ``random_state`` of scanpy's PCA, neighbours and UMAP (and of the drawing order).
+
+    Notes
+    -----
+    Each model gets its own embedding of the joint set real + that model (PCA with up to 50
+    components -> 15-NN graph -> UMAP): left panel coloured by source, right by cell type
+    (dots real, crosses generated).
+    """
     import scanpy as sc
 
-    _check_genes(real, generated)
-    fig, axes = _grid(2 * len(generated), 2, (4.6, 4.0))
+    _check_inputs(real, generated)
     types = sorted(set(real.obs[CELL_TYPE].astype(str)).union(
         *(set(g.obs[CELL_TYPE].astype(str)) for g in generated.values())))
-    type_colors = dict(zip(types, plt.get_cmap("tab10")(np.arange(len(types)) % 10),
-                           strict=True))
+    type_colors = _type_colors(types)
+    fig, axes = _grid(2 * len(generated), 2, (4.6, 4.0))
     for i, (name, gen) in enumerate(generated.items()):
-        joint = _joint(real, {name: gen})
+        joint = _joint(real, name, gen)
         n_comps = max(2, min(50, joint.n_obs - 1, joint.n_vars - 1))
         sc.pp.pca(joint, n_comps=n_comps, random_state=seed)
         sc.pp.neighbors(joint, n_neighbors=min(15, joint.n_obs - 1), random_state=seed)
@@ -59,10 +105,10 @@ def umap_real_vs_generated(real: ad.AnnData, generated: dict[str, ad.AnnData],
         is_real = (joint.obs["source"] == REAL).to_numpy()
         order = np.random.default_rng(seed).permutation(joint.n_obs)  # no side drawn on top
         ax = axes[2 * i]
-        colors = np.where(is_real[order], "#444444", "#e4572e")
-        ax.scatter(xy[order, 0], xy[order, 1], s=4, c=colors, linewidths=0, alpha=0.7)
-        ax.scatter([], [], s=12, c="#444444", label=f"real ({int(is_real.sum())})")
-        ax.scatter([], [], s=12, c="#e4572e", label=f"{name} ({int((~is_real).sum())})")
+        ax.scatter(xy[order, 0], xy[order, 1], s=4, linewidths=0, alpha=0.7,
+                   c=np.where(is_real[order], REAL_COLOR, GENERATED_COLOR))
+        ax.scatter([], [], s=12, c=REAL_COLOR, label=f"real ({int(is_real.sum())})")
+        ax.scatter([], [], s=12, c=GENERATED_COLOR, label=f"{name} ({int((~is_real).sum())})")
         ax.legend(fontsize=7, frameon=False, markerscale=1.5)
         ax.set_title(f"{name}: real vs generated", fontsize=10)
         ax = axes[2 * i + 1]
@@ -79,22 +125,37 @@ def umap_real_vs_generated(real: ad.AnnData, generated: dict[str, ad.AnnData],
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel("UMAP 1", fontsize=7)
+        ax.set_ylabel("UMAP 2", fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
 
+def _gene_variance(x) -> np.ndarray:
+    """Per-gene variance of dense or sparse ``x`` without densifying it."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64)
+        mean = np.asarray(x.mean(axis=0)).ravel()
+        return np.asarray(x.multiply(x).mean(axis=0)).ravel() - mean ** 2
+    return np.asarray(x, dtype=np.float64).var(axis=0)
+
+
 def _markers(real: ad.AnnData, n_markers: int) -> list[str]:
-    """Top marker genes per cell type of the real cells (Wilcoxon); the most variable genes
-    when there is a single cell type."""
+    """Top ``n_markers`` marker genes per cell type of the real cells (scanpy Wilcoxon, types
+    with at least 2 cells); the ``3 * n_markers`` most variable genes when fewer than two
+    cell types qualify."""
     import scanpy as sc
 
     types = real.obs[CELL_TYPE].astype(str)
-    if types.nunique() < 2:
-        x = real.X.toarray() if sp.issparse(real.X) else np.asarray(real.X)
-        top = np.argsort(-x.var(axis=0), kind="stable")[: 3 * n_markers]
+    sizes = types.value_counts()
+    usable = sorted(sizes.index[sizes >= 2])
+    if len(usable) < 2:
+        top = np.argsort(-_gene_variance(real.X), kind="stable")[: 3 * n_markers]
         return [str(g) for g in real.var_names[top]]
-    tmp = ad.AnnData(X=real.X.copy(), obs=pd.DataFrame({CELL_TYPE: pd.Categorical(types)},
-                                                       index=real.obs_names),
+    keep = types.isin(usable).to_numpy()
+    tmp = ad.AnnData(X=real.X[keep].copy(),
+                     obs=pd.DataFrame({CELL_TYPE: pd.Categorical(types[keep])},
+                                      index=real.obs_names[keep].astype(str)),
                      var=pd.DataFrame(index=real.var_names.astype(str)))
     sc.tl.rank_genes_groups(tmp, CELL_TYPE, method="wilcoxon", n_genes=n_markers)
     names = tmp.uns["rank_genes_groups"]["names"]
@@ -106,11 +167,30 @@ def _markers(real: ad.AnnData, n_markers: int) -> list[str]:
 
 def marker_dotplot(real: ad.AnnData, generated: dict[str, ad.AnnData], path: str | Path,
                    n_markers: int = 3) -> None:
-    """Marker genes of the real cell types: per cell type, real and each model's cells (by
-    the classifier's label); dot size = fraction of cells expressing, colour = mean log1p."""
-    _check_genes(real, generated)
+    """Marker genes of the real cell types, real cells against each model's cells.
+
+    Parameters
+    ----------
+    real : AnnData, shape (n_real, n_genes)
+        Real cells in log1p space with obs ``cell_type``; the markers are found on them
+        (scanpy ``rank_genes_groups``, Wilcoxon; the most variable genes when there is a
+        single cell type).
+    generated : dict of str to AnnData
+        Model name -> its cells, obs ``cell_type`` = the classifier's label.
+    path : str or Path
+        The PNG to write.
+    n_markers : int
+        Marker genes per cell type.
+
+    Notes
+    -----
+    Rows are ``real: <type> (n)`` then ``<model>: <type> (n)`` for each real cell type,
+    columns the marker genes; dot size = fraction of cells expressing the gene, colour = mean
+    log1p expression.
+    """
+    _check_inputs(real, generated)
     genes = _markers(real, n_markers)
-    gene_idx = [real.var_names.get_loc(g) for g in genes]
+    gene_idx = real.var_names.get_indexer(genes)
     sets = {REAL: real, **generated}
     types = sorted(set(real.obs[CELL_TYPE].astype(str)))
     rows, frac, mean = [], [], []
@@ -123,76 +203,138 @@ def marker_dotplot(real: ad.AnnData, generated: dict[str, ad.AnnData], path: str
             frac.append((x > 0).mean(0) if at.any() else np.zeros(len(genes)))
             mean.append(x.mean(0) if at.any() else np.zeros(len(genes)))
     frac, mean = np.array(frac), np.array(mean)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(genes), 0.9 + 0.32 * len(rows)))
+    fig, ax = plt.subplots(figsize=(2.2 + 0.45 * len(genes), 1.2 + 0.3 * len(rows)))
     yy, xx = np.meshgrid(np.arange(len(rows)), np.arange(len(genes)), indexing="ij")
-    dots = ax.scatter(xx.ravel(), yy.ravel(), s=10 + 190 * frac.ravel(), c=mean.ravel(),
-                      cmap="Reds", edgecolors="#666", linewidths=0.3)
+    dots = ax.scatter(xx.ravel(), yy.ravel(), s=5 + 195 * frac.ravel(), c=mean.ravel(),
+                      cmap="Reds", edgecolors="#666666", linewidths=0.3)
     ax.set_xticks(range(len(genes)), genes, rotation=90, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_xlim(-0.6, len(genes) - 0.4)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     for k in range(1, len(types)):
-        ax.axhline(k * len(sets) - 0.5, color="#bbb", linewidth=0.6)
+        ax.axhline(k * len(sets) - 0.5, color="#bbbbbb", linewidth=0.6)
     fig.colorbar(dots, ax=ax, shrink=0.6, label="mean log1p(CP10k)")
-    ax.set_title("Marker genes of the real cell types: real vs generated\n"
-                 "(dot size: fraction of cells expressing)", fontsize=9)
+    for f in (0.25, 0.5, 1.0):  # size legend
+        ax.scatter([], [], s=5 + 195 * f, c="white", edgecolors="#666666", linewidths=0.3,
+                   label=f"{f:.0%}")
+    ax.legend(title="expressing", fontsize=6, title_fontsize=6, frameon=False,
+              loc="upper left", bbox_to_anchor=(1.25, 1.0))
+    ax.set_title("Marker genes of the real cell types: real vs generated", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
 
+def _columns(x, idx: list[int]) -> np.ndarray:
+    """Dense (n_cells, len(idx)) float64 copy of some columns of dense or sparse ``x``."""
+    x = sp.csc_matrix(x)[:, idx].toarray() if sp.issparse(x) else np.asarray(x)[:, idx]
+    return np.asarray(x, dtype=np.float64)
+
+
+def _pick_genes(means: np.ndarray, n_genes: int) -> list[int]:
+    """Genes at the 50th, 90th and 99th percentile of the mean and the top gene (for
+    ``n_genes=4``; evenly spaced percentiles from the 50th to the top otherwise), distinct."""
+    order = np.argsort(means, kind="stable")
+    n_genes = max(1, min(int(n_genes), len(order)))
+    qs = (0.5, 0.9, 0.99, 1.0)[4 - n_genes:] if n_genes <= 4 else np.linspace(0.5, 1.0, n_genes)
+    picks = list(dict.fromkeys(int(order[round(q * (len(order) - 1))]) for q in qs))
+    for j in order[::-1]:  # duplicates (few genes): top up with the highest-mean genes
+        if len(picks) >= n_genes:
+            break
+        if int(j) not in picks:
+            picks.append(int(j))
+    return sorted(picks, key=lambda j: means[j])
+
+
 def gene_histograms(real_counts, generated_counts: dict, genes, path: str | Path,
                     n_genes: int = 4) -> None:
-    """Raw-count histograms of a few genes, real against each model: the genes at the 50th,
-    90th and 99th percentile of the real mean count and the highest-mean gene."""
-    real = real_counts.toarray() if sp.issparse(real_counts) else np.asarray(real_counts)
-    gens = {k: (v.toarray() if sp.issparse(v) else np.asarray(v))
-            for k, v in generated_counts.items()}
-    for name, g in gens.items():
-        if g.shape[1] != real.shape[1]:
+    """Raw-count histograms of a few genes, real cells against each model.
+
+    Parameters
+    ----------
+    real_counts : array or sparse matrix, shape (n_real, n_genes_total)
+        Raw UMI counts of the real cells.
+    generated_counts : dict of str to array or sparse matrix, shape (n_gen, n_genes_total)
+        Model name -> raw counts of its cells, same genes in the same order.
+    genes : sequence of str, length n_genes_total
+        Gene names (panel titles).
+    path : str or Path
+        The PNG to write.
+    n_genes : int
+        Panels; with 4, the genes at the 50th, 90th and 99th percentile of the real mean
+        count and the highest-mean gene (deterministic).
+
+    Notes
+    -----
+    Only the chosen columns are densified. Bins are integer-aligned and integer-wide, from 0
+    to the largest 99.5th percentile of the sets (at most ``MAX_BINS`` bins; wider bins past
+    that); values beyond fall into the last bin. Histograms are density-normalised steps.
+    """
+    n_total = real_counts.shape[1]
+    if len(genes) != n_total:
+        raise ValueError(f"{len(genes)} gene names for {n_total} genes of the real counts")
+    if not generated_counts:
+        raise ValueError("no generated counts given")
+    for name, g in generated_counts.items():
+        if g.shape[1] != n_total:
             raise ValueError(f"generated counts of {name!r} have {g.shape[1]} genes, the real "
-                             f"counts {real.shape[1]}")
-    means = real.mean(0)
-    order = np.argsort(means, kind="stable")
-    picks = [order[int(q * (len(order) - 1))] for q in (0.5, 0.9, 0.99)] + [order[-1]]
-    picks = list(dict.fromkeys(picks))[:n_genes]
+                             f"counts {n_total}; both must share one gene list")
+    means = np.asarray(real_counts.mean(axis=0), dtype=np.float64).ravel()
+    picks = _pick_genes(means, n_genes)
+    real = _columns(real_counts, picks)
+    gens = {k: _columns(v, picks) for k, v in generated_counts.items()}
     colors = _colors(list(gens))
-    fig, axes = _grid(len(picks), len(picks), (3.2, 2.6))
-    for ax, j in zip(axes, picks, strict=False):
-        top = max([np.percentile(real[:, j], 99.5)]
-                  + [np.percentile(g[:, j], 99.5) for g in gens.values()])
-        bins = np.arange(0, max(2, int(np.ceil(top))) + 2) - 0.5
-        ax.hist(real[:, j], bins=bins, density=True, histtype="stepfilled", color="#bbbbbb",
-                label="real")
-        for name, g in gens.items():
-            ax.hist(g[:, j], bins=bins, density=True, histtype="step", linewidth=1.4,
-                    color=colors[name], label=name)
+    fig, axes = _grid(len(picks), min(len(picks), 4), (3.2, 2.6))
+    for col, (ax, j) in enumerate(zip(axes, picks, strict=False)):
+        values = [real[:, col]] + [g[:, col] for g in gens.values()]
+        top = max(1, math.ceil(max(np.percentile(v, 99.5) for v in values)))
+        width = max(1, math.ceil((top + 1) / MAX_BINS))
+        n_bins = math.ceil((top + 1) / width)
+        bins = np.arange(n_bins + 1) * width - 0.5
+        last = bins[-1] - 0.5 * width  # the tail is clipped into the last bin
+        ax.hist(np.minimum(values[0], last), bins=bins, density=True, histtype="stepfilled",
+                color="#bbbbbb", label="real")
+        for name, v in zip(gens, values[1:], strict=True):
+            ax.hist(np.minimum(v, last), bins=bins, density=True, histtype="step",
+                    linewidth=1.4, color=colors[name], label=name)
         ax.set_title(f"{genes[j]} (real mean {means[j]:.2f})", fontsize=9)
-        ax.set_xlabel("UMI count", fontsize=8)
+        ax.set_xlabel(f"UMI count (last bin: >= {int(bins[-2] + 0.5)})", fontsize=8)
+    axes[0].set_ylabel("density", fontsize=8)
     axes[0].legend(fontsize=7, frameon=False)
     fig.suptitle("Counts per cell: real vs generated", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
 
-BAR_METRICS = {"pearson_mean": ("Pearson of gene means", True),
-               "spearman_mean": ("Spearman of gene means", True),
-               "ilisi": ("iLISI", True),
-               "mmd": ("MMD", False),
-               "wasserstein": ("1-Wasserstein", False),
-               "celltype_tvd": ("cell-type TVD", False)}
-
-
 def fidelity_bars(table: pd.DataFrame, path: str | Path) -> None:
-    """One panel per fidelity metric, one bar per row of ``table`` (column ``model``)."""
+    """One panel per fidelity metric, one bar per row of ``table``.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Column ``model`` and any of ``pearson_mean``, ``spearman_mean``, ``ilisi`` (higher is
+        better) and ``mmd``, ``wasserstein``, ``celltype_tvd`` (lower is better); the panel
+        title says which. A missing value draws no bar and is marked ``n/a``.
+    path : str or Path
+        The PNG to write.
+    """
+    if "model" not in table:
+        raise ValueError("the fidelity table has no 'model' column")
     metrics = [m for m in BAR_METRICS if m in table]
+    if not metrics:
+        raise ValueError(f"the fidelity table has none of the metric columns {list(BAR_METRICS)}")
     models = table["model"].astype(str).tolist()
     colors = _colors(models)
     fig, axes = _grid(len(metrics), 3, (3.4, 2.8))
+    x = np.arange(len(models))
     for ax, metric in zip(axes, metrics, strict=False):
         title, higher = BAR_METRICS[metric]
         values = pd.to_numeric(table[metric], errors="coerce").to_numpy(float)
-        ax.bar(range(len(models)), np.nan_to_num(values), color=[colors[m] for m in models])
-        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.bar(x, np.nan_to_num(values), color=[colors[m] for m in models])
+        for xi in x[np.isnan(values)]:
+            ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, models, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{title}\n({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.axhline(0, color="grey", linewidth=0.5)
     fig.suptitle("Generation fidelity against the reference cells", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
