@@ -116,8 +116,13 @@ def test_ema():
         for p in model.parameters():
             p.mul_(2).add_(1)
     ema.update(model)
+    first = 1.0 / 10.0  # warmed-up decay of the first update: min(d, (1 + 0) / (10 + 0))
     for n, p in model.named_parameters():
-        torch.testing.assert_close(ema.shadow[n], d * old[n] + (1 - d) * p.detach())
+        torch.testing.assert_close(ema.shadow[n], first * old[n] + (1 - first) * p.detach())
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.num_updates = 1000
+    assert ema.current_decay() == d  # warm-up over: the configured decay
+    ema.num_updates = 1
     other = Toy()
     ema.copy_to(other)
     for n, p in other.named_parameters():

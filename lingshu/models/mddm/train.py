@@ -189,8 +189,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class EMA:
     """Exponential moving average of a model's floating-point parameters.
 
-    ``update`` sets ``shadow = decay * shadow + (1 - decay) * param`` for every parameter;
-    the shadow starts as a copy of the parameters. Buffers are not averaged.
+    ``update`` sets ``shadow = d * shadow + (1 - d) * param`` for every parameter, with the
+    warmed-up decay ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update (as in timm and
+    diffusers), so that a short run's average is not dominated by the initial weights
+    (with a fixed 0.99, 22% of the shadow after 150 steps would still be the initialisation).
+    The shadow starts as a copy of the parameters. Buffers are not averaged.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
@@ -215,10 +218,16 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         shadows, params = self._params(model)
+        decay = self.current_decay()
         if shadows:
-            torch._foreach_mul_(shadows, self.decay)
-            torch._foreach_add_(shadows, params, alpha=1.0 - self.decay)
+            torch._foreach_mul_(shadows, decay)
+            torch._foreach_add_(shadows, params, alpha=1.0 - decay)
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next update applies: ``min(decay, (1 + n) / (10 + n))``."""
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
