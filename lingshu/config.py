@@ -95,11 +95,17 @@ def _check_cross_fields(config: dict, source: str) -> None:
         ):
             raise InputError(f"{source}: datasets.{name}.split: heldout_perturbations needs "
                              f"test perturbations. Fix: set test_perturbations or n_test_perturbations")
+        per_context = split.get("test_contexts") or split.get("n_test_contexts")
         if split["kind"] == "heldout_combinations" and not (
-            split.get("test_combinations") or split.get("n_test_combinations")
+            split.get("test_combinations") or split.get("n_test_combinations") or per_context
         ):
             raise InputError(f"{source}: datasets.{name}.split: heldout_combinations needs "
-                             f"test combinations. Fix: set test_combinations or n_test_combinations")
+                             f"test combinations. Fix: set test_combinations, n_test_combinations "
+                             f"or test_contexts with n_test_perturbations_per_context")
+        if per_context and not split.get("n_test_perturbations_per_context"):
+            raise InputError(f"{source}: datasets.{name}.split.n_test_perturbations_per_context: "
+                             f"test contexts need it. Fix: set how many perturbations each test "
+                             f"context holds out")
         if split["kind"] == "heldout_combinations" and not entry["columns"].get("context"):
             raise InputError(f"{source}: datasets.{name}.columns.context: held-out combinations "
                              f"need a context column. Fix: set columns.context (e.g. cell_type)")

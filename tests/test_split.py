@@ -6,6 +6,8 @@ from lingshu.constants import SPLIT_CONTROL_INPUT, SPLIT_REFERENCE, SPLIT_TEST, 
 from lingshu.data.split import check_no_leakage, make_split, read_split, write_split
 from lingshu.errors import InputError
 
+from conftest import make_processed
+
 
 def test_heldout_perturbations_never_reach_training(tiny_processed):
     split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
@@ -55,7 +57,32 @@ def test_random_combinations_leave_each_perturbation_seen(tiny_processed):
         assert (train["perturbation"] == pert).any()
 
 
+def test_per_context_protocol_holds_out_k_perturbations_in_each_test_context():
+    obs = make_processed(contexts=("D1", "D2", "D3", "D4"), perts=("G1", "G2", "G3", "G4"),
+                         n_per=12, n_ctrl=12).obs
+    spec = {"kind": "heldout_combinations", "n_test_contexts": 2,
+            "n_test_perturbations_per_context": 3}
+    split = make_split(obs, spec, seed=5)
+    test = split.test_conditions()
+    assert test.groupby("context").size().tolist() == [3, 3]  # two donors, 3 of 4 each
+    train = split.cells[split.cells[SPLIT_TRAIN]]
+    for ctx, group in test.groupby("context"):
+        seen = set(train.loc[train["context"] == ctx, "perturbation"])
+        assert "control" in seen and len(seen - {"control"}) == 1  # one perturbation trains
+        assert not set(group["perturbation"]) & seen
+    assert make_split(obs, spec, seed=5).test_conditions().equals(test)  # seeded
+    named = make_split(obs, {"kind": "heldout_combinations", "test_contexts": ["D4"],
+                             "n_test_perturbations_per_context": 2}, seed=0).test_conditions()
+    assert set(named["context"]) == {"D4"} and len(named) == 2
+
+
 @pytest.mark.parametrize("spec, field", [
+    ({"kind": "heldout_combinations", "test_contexts": ["ZZ"],
+      "n_test_perturbations_per_context": 1}, "test_contexts"),
+    ({"kind": "heldout_combinations", "test_contexts": ["A"],
+      "n_test_perturbations_per_context": 4}, "n_test_perturbations_per_context"),
+    ({"kind": "heldout_combinations", "n_test_contexts": 2,
+      "n_test_perturbations_per_context": 1}, "n_test_contexts"),
     ({"kind": "heldout_perturbations", "test_perturbations": ["NOPE"]}, "test_perturbations"),
     ({"kind": "heldout_perturbations", "n_test_perturbations": 4}, "n_test_perturbations"),
     ({"kind": "heldout_perturbations"}, "split"),

@@ -22,7 +22,9 @@ def test_lint_is_clean():
     assert "good condition" in run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("configfile", [None, "config/shared_data.yaml"])
+@pytest.mark.parametrize("configfile", [None, "config/shared_data.yaml",
+                                        "config/paper/vcc_h1.yaml",
+                                        "config/paper/pbmc_cytokines.yaml"])
 def test_dry_run_builds_every_stage(configfile, tmp_path):
     # An empty results folder, so that the dry run plans every job whatever exists already.
     args = ["-n", "--quiet", "rules", "--config", f"results_dir={tmp_path}"]

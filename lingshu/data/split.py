@@ -7,7 +7,9 @@ Two protocols (SPEC 2.3):
   to the models as the prediction input (the real controls of the evaluation).
 - ``heldout_combinations`` (stimulation): chosen context x perturbation pairs are held out
   while the perturbation is seen in other contexts and the context's control cells are seen
-  in training; by default those same control cells are the prediction input.
+  in training; by default those same control cells are the prediction input. The pairs are
+  listed, drawn at random, or drawn per test context (the cytokine protocol: each test donor
+  holds out some of its perturbations and trains on the others).
 
 Both protocols also keep a seeded random ``reference_fraction`` of the cells of training
 conditions (at most ``max_reference_cells``) out of all training: the real cells that
@@ -189,10 +191,13 @@ def _heldout_combination_mask(perts: pd.Series, contexts: pd.Series, spec: dict,
                               f"only {len(combos)} combinations can be held out while every "
                               "perturbation stays seen in some context",
                               "hold out fewer combinations")
+    elif spec.get("test_contexts") or spec.get("n_test_contexts"):
+        combos = _per_context_combinations(pairs, present, spec, rng, where)
     else:
         raise input_error(where, "split", "no test combinations given",
-                          "set split.test_combinations (context/perturbation pairs) or "
-                          "split.n_test_combinations")
+                          "set split.test_combinations (context/perturbation pairs), "
+                          "split.n_test_combinations, or split.test_contexts (or "
+                          "n_test_contexts) with n_test_perturbations_per_context")
     if any(p == CONTROL for _, p in combos):
         raise input_error(where, "split.test_combinations", "a control condition is held out",
                           "hold out perturbed conditions only")
@@ -203,6 +208,42 @@ def _heldout_combination_mask(perts: pd.Series, contexts: pd.Series, spec: dict,
                           "kind: heldout_perturbations")
     combo_index = pd.MultiIndex.from_tuples(combos)
     return pd.MultiIndex.from_arrays([pairs["c"], pairs["p"]]).isin(combo_index)
+
+
+def _per_context_combinations(pairs: pd.DataFrame, present: set, spec: dict, rng,
+                              where: str) -> list[tuple[str, str]]:
+    """The cytokine protocol (SPEC 1.5, 2.3): in each test context (a donor or cell type), a
+    seeded draw of ``n_test_perturbations_per_context`` of its perturbations is held out; the
+    context's other perturbations, its controls and every other context train."""
+    with_perts = sorted({c for c, p in present if p != CONTROL})
+    if spec.get("test_contexts"):
+        test_contexts = list(dict.fromkeys(map(str, spec["test_contexts"])))
+        unknown = [c for c in test_contexts if c not in with_perts]
+        if unknown:
+            raise input_error(where, "split.test_contexts",
+                              f"{unknown} are not contexts with perturbed cells "
+                              f"(e.g. {with_perts[:8]})",
+                              "name contexts exactly as in the data's context column")
+    else:
+        n = int(spec["n_test_contexts"])
+        if n >= len(with_perts):
+            raise input_error(where, "split.n_test_contexts",
+                              f"{n} requested but only {len(with_perts)} contexts have "
+                              "perturbed cells", "hold out fewer contexts")
+        test_contexts = sorted(rng.choice(with_perts, size=n, replace=False).tolist())
+    k = spec.get("n_test_perturbations_per_context")
+    if not k:
+        raise input_error(where, "split.n_test_perturbations_per_context", "not set",
+                          "say how many perturbations each test context holds out")
+    combos = []
+    for ctx in test_contexts:
+        perts = sorted(p for c, p in present if c == ctx and p != CONTROL)
+        if int(k) >= len(perts):
+            raise input_error(where, "split.n_test_perturbations_per_context",
+                              f"{k} requested but context {ctx!r} has {len(perts)} "
+                              "perturbations", "leave at least one seen in each test context")
+        combos += [(ctx, p) for p in sorted(rng.choice(perts, size=int(k), replace=False))]
+    return combos
 
 
 def _every_pert_still_seen(combos, present) -> bool:
