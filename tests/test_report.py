@@ -107,6 +107,13 @@ def test_benchmark_table_names_jobs(tmp_path):
     assert list(table["job"]) == ["split/kang", "train/kang"]
     assert table["wall_s"].tolist() == [4.0, 4.0]
     assert table["max_rss_mb"].tolist() == [100.0, 100.0]
+    assert table["cpu_s"].isna().all()  # files without a cpu_time column
+
+
+def test_report_cost_table_has_cpu_time(report_dir):
+    costs = read_table(report_dir / "benchmarks.tsv").set_index("job")
+    assert costs.loc["evaluate_perfect", "cpu_s"] == 11.9
+    assert "CPU time (s)" in (report_dir / "report.html").read_text()
 
 
 def test_context_scores_and_prediction_distribution(report_dir):

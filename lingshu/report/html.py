@@ -258,8 +258,12 @@ def render_report(
         ]
     if benchmarks is not None and len(benchmarks):
         sections += [
-            "<h2>Compute: wall time and peak memory per job</h2>",
-            _frame_html(benchmarks.rename(columns={"wall_s": "wall time (s)", "max_rss_mb": "peak RSS (MB)"}), 1),
+            "<h2>Compute: wall time, CPU time and peak memory per job</h2>",
+            "<p>From Snakemake's <code>benchmark:</code> files. CPU time sums user and system "
+            "time over the job's processes; GPU time is not recorded by Snakemake (a GPU job "
+            "holds its GPU for its wall time).</p>",
+            _frame_html(benchmarks.rename(columns={"wall_s": "wall time (s)", "cpu_s": "CPU time (s)",
+                                                   "max_rss_mb": "peak RSS (MB)"}), 1),
         ]
     body = "\n".join(s for s in sections if s)
     return (

@@ -170,7 +170,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def benchmark_table(benchmark_files: list[str]) -> pd.DataFrame:
-    """Wall time and peak memory per job from Snakemake ``benchmark:`` TSVs.
+    """Wall time, CPU time and peak memory per job from Snakemake ``benchmark:`` TSVs.
 
     The job is named by its path with the folders all files share removed (the workflow's
     ``benchmarks/evaluate_linear.tsv`` -> ``evaluate_linear``; ``bench/fit/kang.tsv`` ->
@@ -179,7 +179,7 @@ def benchmark_table(benchmark_files: list[str]) -> pd.DataFrame:
     """
     paths = [Path(f) for f in benchmark_files if Path(f).exists()]
     if not paths:
-        return pd.DataFrame(columns=["job", "wall_s", "max_rss_mb"])
+        return pd.DataFrame(columns=["job", "wall_s", "cpu_s", "max_rss_mb"])
     common = Path(*_common_parts([p.parent.parts for p in paths]) or (".",))
     rows = []
     for path in paths:
@@ -188,6 +188,7 @@ def benchmark_table(benchmark_files: list[str]) -> pd.DataFrame:
         rows.append({
             "job": name,
             "wall_s": _column_mean(bench, "s"),
+            "cpu_s": _column_mean(bench, "cpu_time"),
             "max_rss_mb": _column_mean(bench, "max_rss"),
         })
     return pd.DataFrame(rows).sort_values("job", ignore_index=True)
