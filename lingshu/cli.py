@@ -8,6 +8,7 @@ re-interprets the config file.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -125,7 +126,8 @@ def cmd_fit(args) -> None:
     else:
         model.fit(data)
     log.info("fit %s in %.1f s", args.model, time.perf_counter() - start)
-    model.save(args.out)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the model
+        model.save(args.out)
 
 
 def cmd_predict(args) -> None:

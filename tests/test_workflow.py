@@ -74,3 +74,20 @@ def test_conda_envs_pin_the_pyproject_versions(env):
     for line in pip:
         name, version = line.split("==")
         assert pins.get(name) == version, f"{env.name}: {line} differs from pyproject.toml"
+
+
+def test_a_multi_gpu_model_block_launches_torchrun(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["models"]["lingshu"]["gpu"] = 4
+    cfg["models"]["scldm"]["gpu"] = 4  # not DDP-capable: one process
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = _snakemake("-n", "-p", "--configfile", str(path), "--resources", "gpu=4")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    lingshu = [x for x in lines if "--model lingshu" in x and (" fit " in x or " pretrain " in x)]
+    scldm = [x for x in lines if "--model scldm" in x and " fit " in x]
+    assert lingshu and all("torchrun --standalone --nproc_per_node=4 -m lingshu" in x
+                           for x in lingshu)
+    assert scldm and all("python -m lingshu fit" in x and "torchrun" not in x for x in scldm)

@@ -41,6 +41,7 @@ from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, 
 from lingshu.models.mddm.train import (
     TrainConfig,
     ema_weights,
+    is_main_process,
     load_checkpoint,
     save_checkpoint,
     train,
@@ -56,7 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "network": {},  # overrides of the preset's NetworkConfig fields
     "pretrain_steps": 150,
     "finetune_steps": 400,
-    "batch_size": 64,
+    "batch_size": 64,  # cells per optimiser step, summed over GPUs (the paper: 256)
+    "micro_batch_size": None,  # cells per forward pass and GPU (gradient accumulation)
     "lr": 1e-3,
     "min_lr": 1e-4,
     "warmup_steps": 50,
@@ -119,9 +121,11 @@ class LingshuCell(PerturbationModel):
                                   **{**self.cfg["network"], **conditions})
 
     def _train_config(self, steps: int, seed: int) -> TrainConfig:
-        keys = {k: self.cfg[k] for k in ("batch_size", "lr", "min_lr", "warmup_steps",
-                                         "ema_decay", "checkpoint_every")}
-        return TrainConfig(steps=int(steps), seed=seed, **keys)
+        keys = {k: self.cfg[k] for k in ("batch_size", "micro_batch_size", "lr", "min_lr",
+                                         "warmup_steps", "ema_decay", "checkpoint_every")}
+        # Under DDP: some parameters get no gradient on some data (the padding embedding when
+        # the genes fill the groups exactly, the target-gene projection without targets).
+        return TrainConfig(steps=int(steps), seed=seed, ddp_find_unused_parameters=True, **keys)
 
     # ------------------------------------------------------------------ pre-training
     def pretrain(self, data: TrainingData, out_path: str | Path) -> None:
@@ -149,6 +153,8 @@ class LingshuCell(PerturbationModel):
                        fingerprint=data_fingerprint(data, stage="pretrain", params=self.cfg))
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
+        if not is_main_process():  # under torchrun every rank trained; rank 0 writes
+            return
         # Self-describing, so that the unconditional model can be sampled on its own.
         save_checkpoint(out_path, {
             "format": PRETRAIN_FORMAT, "network": asdict(net_cfg),

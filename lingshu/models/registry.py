@@ -28,6 +28,10 @@ PRETRAINING = {"lingshu", "scldm"}
 # scLDM's fitted latent model under its null condition.
 GENERATIVE = {"lingshu": "pretrain", "scldm": "fit"}
 
+# Models whose pre-train and fit rules run under ``torchrun`` (DDP, one process per GPU) when
+# their config block asks for more than one GPU.
+DDP_MODELS = {"lingshu"}
+
 # Models whose jobs run in a conda env of their own (envs/<env>.yaml); the rest use models.yaml.
 MODEL_ENVS = {"state": "state"}
 

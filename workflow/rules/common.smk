@@ -2,7 +2,7 @@
 import json
 import os
 
-from lingshu.models.registry import GENERATIVE, MODEL_ENVS, PRETRAINING
+from lingshu.models.registry import DDP_MODELS, GENERATIVE, MODEL_ENVS, PRETRAINING
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
@@ -37,6 +37,15 @@ def model_block(model, dataset=None):
 def model_env(wildcards):
     """The conda env of a model's jobs (STATE brings arc-state and its dependencies)."""
     return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
+
+
+def launcher(wildcards):
+    """How a training job starts: ``torchrun`` with one process per GPU when a DDP-capable
+    model's block asks for several GPUs, else one Python process."""
+    gpus = int(model_block(wildcards.model, wildcards.dataset).get("gpu", 0))
+    if gpus > 1 and wildcards.model in DDP_MODELS:
+        return f"torchrun --standalone --nproc_per_node={gpus} -m lingshu"
+    return "python -m lingshu"
 
 
 def model_params_json(model, dataset):

@@ -15,6 +15,7 @@ rule pretrain_model:
         entry=lambda w: entry_json(w.dataset),
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
+        launcher=launcher,
     log:
         f"{R}/{{dataset}}/logs/pretrain_{{model}}.log",
     benchmark:
@@ -26,7 +27,7 @@ rule pretrain_model:
     conda:
         model_env
     shell:
-        "python -m lingshu pretrain --processed {input.processed} --cells {input.cells} "
+        "{params.launcher} pretrain --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
         "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
         "--seed {params.seed} --threads {threads} --workdir {params.workdir} "
@@ -52,6 +53,7 @@ rule fit_model:
         init=lambda w, input: " ".join(f"--init {p}" for p in input.pretrained),
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
+        launcher=launcher,
     log:
         f"{R}/{{dataset}}/logs/fit_{{model}}.log",
     benchmark:
@@ -63,7 +65,7 @@ rule fit_model:
     conda:
         model_env
     shell:
-        "python -m lingshu fit --processed {input.processed} --cells {input.cells} "
+        "{params.launcher} fit --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
         "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
         "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.init} "
