@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_processed
 
 from lingshu.data.split import make_split, write_split
 from lingshu.io import write_table
 from lingshu.models.registry import load_model
 from lingshu.stages import compute_features
-
-from conftest import make_processed
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = {"perturbation_type": "genetic"}
