@@ -1,4 +1,4 @@
-"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 3 minutes)."""
+"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 5 minutes, two runs)."""
 
 import json
 import subprocess
