@@ -23,24 +23,15 @@ import scipy.sparse as sp
 from lingshu.constants import CONTEXT_COL, SPLIT_REFERENCE, SPLIT_TRAIN
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import Split
+from lingshu.evaluate.fidelity import CELL_TYPE, FIDELITY_METRICS
 from lingshu.io import atomic_path, write_table
 from lingshu.models.base import PerturbationModel
 
 log = logging.getLogger(__name__)
 
 REAL_FLOOR = "real (training cells)"
-CELL_TYPE = "cell_type"  # obs column of the figures: the context, or the classifier's label
 MAX_CLASSIFIER_CELLS = 4000  # training cells the cell-type classifier learns from (at most)
-
-# Column -> (title, True when higher is better): the layout of the paper's Table 1.
-TABLE_COLUMNS = {
-    "pearson_mean": ("Pearson (gene means)", True),
-    "spearman_mean": ("Spearman (gene means)", True),
-    "ilisi": ("iLISI", True),
-    "mmd": ("MMD", False),
-    "wasserstein": ("1-Wasserstein", False),
-    "celltype_tvd": ("cell-type proportion TVD", False),
-}
+TABLE_COLUMNS = FIDELITY_METRICS  # the layout of the paper's Table 1
 
 
 def reference_rows(split: Split) -> np.ndarray:

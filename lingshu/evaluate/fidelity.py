@@ -17,6 +17,17 @@ from scipy import stats
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 
+# Metric -> (title, True when higher is better): the columns of the paper's Table 1 layout.
+FIDELITY_METRICS = {
+    "pearson_mean": ("Pearson (gene means)", True),
+    "spearman_mean": ("Spearman (gene means)", True),
+    "ilisi": ("iLISI", True),
+    "mmd": ("MMD", False),
+    "wasserstein": ("1-Wasserstein", False),
+    "celltype_tvd": ("cell-type proportion TVD", False),
+}
+CELL_TYPE = "cell_type"  # obs column of real / generated cells: context or classifier label
+
 GENE_CHUNK = 512  # genes densified at a time by wasserstein_per_gene
 MMD_BLOCK = 1024  # rows of one kernel block in mmd: a block is MMD_BLOCK x n_other float64
 IS_REAL_CONTROL = "is_real_control"

@@ -17,20 +17,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
+from lingshu.evaluate.fidelity import CELL_TYPE, FIDELITY_METRICS  # noqa: E402
 from lingshu.report.figures import _colors, _grid, _save  # noqa: E402
 
-CELL_TYPE = "cell_type"
 REAL = "real"
 REAL_COLOR, GENERATED_COLOR = "#444444", "#e4572e"
 MAX_BINS = 60  # histogram bins at most (integer-wide bins grow past that)
 
 # column -> (panel title, higher is better)
-BAR_METRICS = {"pearson_mean": ("Pearson of gene means", True),
-               "spearman_mean": ("Spearman of gene means", True),
-               "ilisi": ("iLISI", True),
-               "mmd": ("MMD", False),
-               "wasserstein": ("1-Wasserstein", False),
-               "celltype_tvd": ("cell-type TVD", False)}
+BAR_METRICS = FIDELITY_METRICS
 
 
 def _check_inputs(real: ad.AnnData, generated: dict[str, ad.AnnData]) -> None:
