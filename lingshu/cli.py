@@ -8,7 +8,6 @@ re-interprets the config file.
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
 import sys
@@ -115,6 +114,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_fit(args) -> None:
+    from lingshu.models.base import is_main_process
     from lingshu.models.registry import build_model
 
     model = build_model(args.model, _json(args.params))
@@ -126,7 +126,7 @@ def cmd_fit(args) -> None:
     else:
         model.fit(data)
     log.info("fit %s in %.1f s", args.model, time.perf_counter() - start)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes the model
+    if is_main_process():  # under torchrun, rank 0 writes the model
         model.save(args.out)
 
 

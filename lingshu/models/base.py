@@ -127,6 +127,14 @@ class PerturbationModel(ABC):
             np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
 
 
+def is_main_process() -> bool:
+    """True unless this is a rank other than 0 of a ``torchrun`` launch (``RANK`` > 0): the
+    process that writes a job's outputs."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def data_fingerprint(data: TrainingData, **extra: Any) -> str:
     """A short hash of the training inputs (counts, labels, genes, features, seed) plus any
     ``extra`` JSON-able values (parameters, the hash of initial weights).

@@ -35,13 +35,13 @@ from lingshu.models.base import (
     PerturbationModel,
     TrainingData,
     data_fingerprint,
+    is_main_process,
 )
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
 from lingshu.models.mddm.train import (
     TrainConfig,
     ema_weights,
-    is_main_process,
     load_checkpoint,
     save_checkpoint,
     train,

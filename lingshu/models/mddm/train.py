@@ -278,11 +278,6 @@ def ddp_setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def is_main_process() -> bool:
-    """True unless this is a rank other than 0 of a ``torchrun`` launch (``RANK`` > 0)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def ddp_cleanup() -> None:
     """Destroy the default process group if there is one (safe to call twice)."""
     if dist.is_available() and dist.is_initialized():
