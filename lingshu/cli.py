@@ -42,12 +42,9 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_preprocess(args) -> None:
-    from lingshu.data.preprocess import preprocess, read_raw
-    from lingshu.io import write_h5ad
+    from lingshu.data.preprocess import preprocess_file
 
-    entry = _json(args.entry)
-    raw = read_raw(args.raw, entry)
-    write_h5ad(preprocess(raw, entry, args.dataset, path=args.raw, progress=True), args.out)
+    preprocess_file(args.raw, _json(args.entry), args.dataset, args.out, progress=True)
 
 
 def cmd_split(args) -> None:

@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.data.preprocess import preprocess, read_raw, validate_raw
+from lingshu.data import preprocess as preprocess_module
+from lingshu.data.preprocess import preprocess, preprocess_file, read_raw, validate_raw
 from lingshu.errors import InputError
 from lingshu.io import write_h5ad
 
@@ -346,6 +347,93 @@ def test_read_raw_roundtrip_and_layer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Streaming, file to file: the same result as in memory, in bounded row blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_same(a: ad.AnnData, b: ad.AnnData) -> None:
+    assert a.shape == b.shape
+    assert (a.X != b.X).nnz == 0 and b.X.dtype == np.int32 and b.X.format == "csr"
+    assert a.obs_names.equals(b.obs_names) and a.var_names.equals(b.var_names)
+    pd.testing.assert_frame_equal(a.obs, b.obs, check_dtype=False, check_categorical=False)
+    pd.testing.assert_frame_equal(a.var, b.var, check_dtype=False)
+    assert a.uns["lingshu"] == b.uns["lingshu"]
+    assert set(a.obsm) == set(b.obsm)
+    for key in a.obsm:
+        x, y = a.obsm[key], b.obsm[key]
+        assert (x != y).nnz == 0 if sp.issparse(x) else np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense", "csc"])
+@pytest.mark.parametrize("case", ["qc", "gene_list", "drop_small"])
+def test_preprocess_file_matches_in_memory(tmp_path, monkeypatch, layout, case):
+    """Streaming in blocks of a few rows gives the in-memory result exactly."""
+    adata = make_adata(n_cells=203)
+    dense = adata.X.toarray()
+    dense[np.arange(203) % 10 != 0, :5] = 0  # five rarely detected genes
+    adata.X = sp.csr_matrix(dense)
+    adata.obsm["X_pca"] = np.arange(adata.n_obs * 2, dtype=np.float32).reshape(-1, 2)
+    adata.uns["source"] = {"doi": "10.0/x"}
+    if layout == "dense":
+        adata.X = adata.X.toarray()
+    elif layout == "csc":
+        adata.X = sp.csc_matrix(adata.X)
+    entry = {
+        "qc": make_entry(qc={"min_counts_per_cell": 200, "min_cells_per_gene": 30, "max_pct_mito": 50}),
+        "gene_list": make_entry(genes=str(tmp_path / "genes.txt")),
+        "drop_small": make_entry(qc={"min_counts_per_cell": 5}, drop_small_conditions=True,
+                                 min_cells_per_condition=26),
+    }[case]
+    (tmp_path / "genes.txt").write_text("G3\nABSENT\nG1\nMT-CO1\n")
+    raw_path = tmp_path / "raw.h5ad"
+    adata.write_h5ad(raw_path)
+    expected = preprocess(read_raw(str(raw_path), entry), entry, "syn", str(raw_path))
+    monkeypatch.setattr(preprocess_module, "BLOCK_ELEMENTS", 7 * 50)  # blocks of 7 rows
+    out_path = tmp_path / "out" / "processed.h5ad"
+    preprocess_file(str(raw_path), entry, "syn", str(out_path))
+    _assert_same(expected, ad.read_h5ad(out_path))
+    assert expected.n_obs < 203 or case == "gene_list"
+    assert expected.n_vars == {"qc": 45, "gene_list": 4, "drop_small": 50}[case]
+    assert [p.name for p in out_path.parent.iterdir()] == ["processed.h5ad"]  # no temporary left
+
+
+def test_preprocess_file_errors_leave_no_output(tmp_path):
+    adata = make_adata()
+    raw_path = tmp_path / "raw.h5ad"
+    adata.write_h5ad(raw_path)
+    out_path = tmp_path / "processed.h5ad"
+    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(qc={"min_counts_per_cell": 10**9}),
+                                               "syn", str(out_path)),
+                       "qc", "empty after QC", path=str(raw_path))
+    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(layer="counts"), "syn", str(out_path)),
+                       "layer", "layers/counts", path=str(raw_path))
+    adata.X.data[3] = 0.5
+    adata.write_h5ad(raw_path)
+    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(), "syn", str(out_path)),
+                       "X", "not integers", path=str(raw_path))
+    assert list(tmp_path.iterdir()) == [raw_path]
+
+
+def test_preprocess_file_reads_the_counts_in_blocks(tmp_path, monkeypatch):
+    """No read of the backed counts asks for more rows than one block."""
+    adata = make_adata(n_cells=400)
+    raw_path = tmp_path / "raw.h5ad"
+    adata.write_h5ad(raw_path)
+    monkeypatch.setattr(preprocess_module, "BLOCK_ELEMENTS", 40 * 50)
+    seen = []
+    real = preprocess_module._csr_block_int32
+
+    def spy(block):
+        seen.append(block.shape[0])
+        return real(block)
+
+    monkeypatch.setattr(preprocess_module, "_csr_block_int32", spy)
+    preprocess_file(str(raw_path), make_entry(), "syn", str(tmp_path / "out.h5ad"))
+    assert seen and max(seen) <= 40 * 50 / (adata.X.nnz / 400) + 1
+    assert sum(seen) == 2 * 400  # two passes: cell statistics, writing (no gene filter)
+
+
+# ---------------------------------------------------------------------------------------------
 # Real data (skipped when ../shared/data is absent)
 # ---------------------------------------------------------------------------------------------
 
@@ -407,3 +495,12 @@ def test_norman_real_lognorm_layer_is_rejected():
     entry["layer"] = None
     out = preprocess(read_raw(path, entry), entry, "norman", path)
     assert out.n_obs == 5_961 and out.obs[CONTEXT_COL].nunique() == 4
+
+
+def test_papalexi_real_streaming_matches(tmp_path):
+    path = _real(PAPALEXI)
+    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": None,
+                                "context_label": "THP-1", "batch": "replicate"},
+                       qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "min_cells_per_gene": 50})
+    preprocess_file(path, entry, "papalexi", str(tmp_path / "p.h5ad"))
+    _assert_same(preprocess(read_raw(path, entry), entry, "papalexi", path), ad.read_h5ad(tmp_path / "p.h5ad"))

@@ -9,16 +9,23 @@ where the raw counts are (``X`` or a layer), the QC thresholds and an optional g
   of, each naming the file, the field and the fix.
 - :func:`preprocess` returns a new AnnData in the canonical form of :mod:`lingshu.constants`.
 
-Count matrices reach 221k cells x 18k genes, so nothing here densifies the full matrix:
-checks run over ``X.data`` (sparse) or row blocks (dense, backed), and counts stay CSR.
+- :func:`preprocess_file` does the same from file to file, streaming the counts.
+
+Count matrices reach 221k cells x 18k genes (millions of cells for the cytokine data), so the
+counts are only ever read in row blocks: one pass checks the values, one gathers per-cell
+statistics (and one per-gene statistics when genes are filtered), which decide the kept cells
+and genes; the last pass writes the kept counts block by block (CSR int32). Memory is bounded
+by the cell metadata and one block, whatever the number of cells.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -30,6 +37,7 @@ from tqdm import tqdm
 
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.errors import input_error
+from lingshu.io import atomic_path, write_h5ad, write_h5ad_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -369,32 +377,8 @@ def _read_raw_backed(path: str, entry: dict) -> ad.AnnData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the canonical AnnData
+# Canonical obs and var
 # ---------------------------------------------------------------------------------------------
-
-
-def _csr_block_int32(block: Any) -> sp.csr_matrix:
-    """One block (sparse or dense) as CSR int32, copying so the input is never shared."""
-    if sp.issparse(block):
-        csr = block.tocsr() if block.format != "csr" else block
-        out = sp.csr_matrix((csr.data.astype(np.int32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
-    else:
-        out = sp.csr_matrix(np.asarray(block).astype(np.int32, copy=False))
-    out.eliminate_zeros()  # explicit zeros would inflate genes-per-cell in QC
-    out.sum_duplicates()
-    return out
-
-
-def _to_csr_int32(X: Any, progress: bool = False) -> sp.csr_matrix:
-    """A new CSR int32 copy of validated counts; dense and backed inputs go row block by block."""
-    if sp.issparse(X):
-        return _csr_block_int32(X)
-    n_rows, n_cols = X.shape
-    blocks = [
-        _csr_block_int32(X[start:stop])
-        for start, stop in tqdm(list(_row_blocks(n_rows, n_cols)), desc="converting counts", disable=not progress)
-    ]
-    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.int32)
 
 
 def _canonical_obs(obs: pd.DataFrame, entry: dict, dataset: str) -> pd.DataFrame:
@@ -429,88 +413,6 @@ def _canonical_obs(obs: pd.DataFrame, entry: dict, dataset: str) -> pd.DataFrame
     return out
 
 
-def _canonical_copy(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress: bool) -> ad.AnnData:
-    """A new AnnData: CSR int32 counts, canonical obs, str unique names, copies of uns/obsm.
-
-    Layers, obsp and varm are not carried over: the processed file holds counts only.
-    """
-    counts = _to_csr_int32(_counts_matrix(adata, entry, path), progress)
-    obs = _canonical_obs(adata.obs, entry, dataset)
-    obs.index = obs.index.astype(str)
-    if not obs.index.is_unique:
-        logger.info("%s: obs names are not unique; adding suffixes (-1, -2, ...)", path)
-        obs.index = ad.utils.make_index_unique(obs.index)
-    var = adata.var.copy()
-    var.index = var.index.astype(str)
-    obsm = {k: (v.copy() if hasattr(v, "copy") else np.array(v)) for k, v in adata.obsm.items()}
-    return ad.AnnData(X=counts, obs=obs, var=var, uns=copy.deepcopy(dict(adata.uns)), obsm=obsm)
-
-
-# ---------------------------------------------------------------------------------------------
-# QC, condition sizes, genes
-# ---------------------------------------------------------------------------------------------
-
-
-def _cell_qc(adata: ad.AnnData, qc: dict, path: str) -> ad.AnnData:
-    """Drop cells below the count / gene thresholds or above the mitochondrial percentage.
-
-    Adds ``total_counts``, ``n_genes_by_counts`` (and ``pct_counts_mt`` when ``max_pct_mito`` is
-    set) to obs, with scanpy's names, computed on the raw genes.
-    """
-    X = adata.X
-    total = np.asarray(X.sum(axis=1)).ravel()
-    n_genes = np.diff(X.indptr)  # explicit zeros were removed, so stored entries are nonzero
-    adata.obs["total_counts"] = total
-    adata.obs["n_genes_by_counts"] = n_genes
-    keep = (total >= qc["min_counts_per_cell"]) & (n_genes >= qc["min_genes_per_cell"])
-    reasons = {"min_counts_per_cell": int((total < qc["min_counts_per_cell"]).sum()),
-               "min_genes_per_cell": int((n_genes < qc["min_genes_per_cell"]).sum())}
-    if qc.get("max_pct_mito") is not None:
-        mito = adata.var_names.str.upper().str.startswith(MITO_PREFIX)
-        if not mito.any():
-            logger.warning("%s: qc.max_pct_mito is set but no gene name starts with %r; no cell is removed by it",
-                           path, MITO_PREFIX)
-        mt = np.asarray(X[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
-        pct = 100.0 * mt / np.maximum(total, 1)
-        adata.obs["pct_counts_mt"] = pct
-        keep &= pct <= float(qc["max_pct_mito"])
-        reasons["max_pct_mito"] = int((pct > float(qc["max_pct_mito"])).sum())
-    logger.info("%s: cell QC keeps %d of %d cells (failing: %s)", path, int(keep.sum()), adata.n_obs, reasons)
-    _check_not_empty(int(keep.sum()), adata.n_vars, path, "after QC (cells)")
-    return adata[keep].copy()
-
-
-def _enforce_condition_sizes(adata: ad.AnnData, entry: dict, path: str) -> ad.AnnData:
-    """After QC: raise on conditions below ``min_cells_per_condition``, or drop them."""
-    min_cells = _min_cells(entry)
-    sizes = _condition_sizes(adata.obs, PERT_COL, CONTEXT_COL, "")
-    small = _small_conditions(sizes, min_cells)
-    if not len(small):
-        return adata
-    if not entry.get("drop_small_conditions", False):
-        _raise_small(small, min_cells, path, "after QC")
-    logger.warning("%s: dropping %d conditions with fewer than %d cells: %s", path, len(small), min_cells,
-                   ", ".join(f"{c} x {p} ({n})" for (c, p), n in small.items()))
-    pairs = pd.MultiIndex.from_arrays([adata.obs[CONTEXT_COL].astype(str), adata.obs[PERT_COL].astype(str)])
-    keep = ~pairs.isin(small.index)
-    _check_not_empty(int(keep.sum()), adata.n_vars, path, "after QC and dropping small conditions")
-    out = adata[keep].copy()
-    if CONTROL not in set(out.obs[PERT_COL]):
-        raise input_error(path, "min_cells_per_condition",
-                          "no control cells are left after QC and dropping small conditions",
-                          "lower `min_cells_per_condition` or loosen `qc`")
-    return out
-
-
-def _gene_qc(adata: ad.AnnData, min_cells: int, path: str) -> ad.AnnData:
-    """Drop genes detected in fewer than ``min_cells`` cells."""
-    if min_cells <= 0:
-        return adata
-    n_cells = np.bincount(adata.X.indices, minlength=adata.n_vars)
-    keep = n_cells >= min_cells
-    logger.info("%s: gene QC keeps %d of %d genes", path, int(keep.sum()), adata.n_vars)
-    _check_not_empty(adata.n_obs, int(keep.sum()), path, "after QC (genes)")
-    return adata[:, keep].copy()
 
 
 def read_gene_list(genes_path: str, config_path: str = "config") -> list[str]:
@@ -543,48 +445,258 @@ def _reindex_var(var: pd.DataFrame, genes: list[str]) -> pd.DataFrame:
     return out
 
 
-def _align_genes(adata: ad.AnnData, genes: list[str], genes_path: str, path: str) -> ad.AnnData:
+
+
+# ---------------------------------------------------------------------------------------------
+# Row blocks: every pass over the counts reads a bounded number of values at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows_per_block(X: Any) -> int:
+    """Rows per block so that a block holds about BLOCK_ELEMENTS stored values."""
+    n_rows, n_cols = X.shape
+    if isinstance(X, CSRDataset):
+        stored = X.group["data"].shape[0]
+    elif sp.issparse(X):
+        stored = X.nnz
+    else:
+        stored = n_rows * n_cols
+    per_row = max(1.0, stored / max(1, n_rows))
+    return max(1, int(BLOCK_ELEMENTS // per_row))
+
+
+def _csr_block_int32(block: Any) -> sp.csr_matrix:
+    """One block (sparse or dense) as CSR int32, copying so the input is never shared."""
+    if sp.issparse(block):
+        csr = block.tocsr() if block.format != "csr" else block
+        out = sp.csr_matrix((csr.data.astype(np.int32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
+    else:
+        out = sp.csr_matrix(np.asarray(block).astype(np.int32, copy=False))
+    out.eliminate_zeros()  # explicit zeros would inflate genes-per-cell in QC
+    out.sum_duplicates()
+    return out
+
+
+def _count_blocks(X: Any, desc: str, progress: bool) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """(first row, CSR int32 block) over the validated counts ``X``, one row block at a time.
+
+    ``X`` is anything sliceable by rows: CSR/dense in memory, a backed CSR dataset, an h5py
+    dense dataset. Only one block is in memory at a time.
+    """
+    n_rows = X.shape[0]
+    step = _rows_per_block(X)
+    with tqdm(total=n_rows, desc=desc, unit="cells", unit_scale=True, disable=not progress) as bar:
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            yield start, _csr_block_int32(X[start:stop])
+            bar.update(stop - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which cells and genes the processed data keeps (decided from per-cell statistics)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What preprocessing keeps, decided before any output is written.
+
+    keep: (n_raw_cells,) bool, the cells that pass QC and the condition sizes.
+    obs: canonical obs of the kept cells, with scanpy-named QC columns.
+    var: var of the output genes.
+    select: (n_raw_genes, n_out_genes) 0/1 CSR mapping raw genes to output genes (gene filter
+        or gene-list alignment; absent listed genes are all-zero columns).
+    n_zero_filled: listed genes absent from the data.
+    """
+
+    keep: np.ndarray
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    select: sp.csr_matrix
+    n_zero_filled: int
+
+
+def _cell_stats(X: Any, mito: np.ndarray | None, progress: bool) -> dict[str, np.ndarray]:
+    """Per-cell total counts, detected genes and (when ``mito`` is given) mitochondrial counts."""
+    total = np.zeros(X.shape[0], dtype=np.int64)
+    n_genes = np.zeros(X.shape[0], dtype=np.int64)
+    mt = np.zeros(X.shape[0], dtype=np.int64) if mito is not None else None
+    for start, block in _count_blocks(X, "cell statistics", progress):
+        rows = slice(start, start + block.shape[0])
+        total[rows] = np.asarray(block.sum(axis=1, dtype=np.int64)).ravel()
+        n_genes[rows] = np.diff(block.indptr)  # explicit zeros were removed: stored = nonzero
+        if mt is not None:
+            mt[rows] = np.asarray(block[:, mito].sum(axis=1, dtype=np.int64)).ravel()
+    return {"total": total, "n_genes": n_genes, "mito": mt}
+
+
+def _cell_qc(obs: pd.DataFrame, stats: dict, qc: dict, var_names: pd.Index, path: str) -> np.ndarray:
+    """Cells above the count / gene thresholds and below the mitochondrial percentage.
+
+    Adds ``total_counts``, ``n_genes_by_counts`` (and ``pct_counts_mt`` when ``max_pct_mito``
+    is set) to ``obs``, with scanpy's names, computed on the raw genes.
+    """
+    total, n_genes = stats["total"], stats["n_genes"]
+    obs["total_counts"] = total
+    obs["n_genes_by_counts"] = n_genes
+    keep = (total >= qc["min_counts_per_cell"]) & (n_genes >= qc["min_genes_per_cell"])
+    reasons = {"min_counts_per_cell": int((total < qc["min_counts_per_cell"]).sum()),
+               "min_genes_per_cell": int((n_genes < qc["min_genes_per_cell"]).sum())}
+    if qc.get("max_pct_mito") is not None:
+        pct = 100.0 * stats["mito"] / np.maximum(total, 1)
+        obs["pct_counts_mt"] = pct
+        keep &= pct <= float(qc["max_pct_mito"])
+        reasons["max_pct_mito"] = int((pct > float(qc["max_pct_mito"])).sum())
+    logger.info("%s: cell QC keeps %d of %d cells (failing: %s)", path, int(keep.sum()), len(obs), reasons)
+    _check_not_empty(int(keep.sum()), len(var_names), path, "after QC (cells)")
+    return keep
+
+
+def _mito_genes(var_names: pd.Index, qc: dict, path: str) -> np.ndarray | None:
+    """Column indices of mitochondrial genes (None when ``max_pct_mito`` is not set)."""
+    if qc.get("max_pct_mito") is None:
+        return None
+    mito = pd.Index(var_names).str.upper().str.startswith(MITO_PREFIX)
+    if not mito.any():
+        logger.warning("%s: qc.max_pct_mito is set but no gene name starts with %r; no cell is removed by it",
+                       path, MITO_PREFIX)
+    return np.flatnonzero(mito)
+
+
+def _enforce_condition_sizes(obs: pd.DataFrame, keep: np.ndarray, entry: dict, n_genes: int,
+                             path: str) -> np.ndarray:
+    """After QC: raise on conditions below ``min_cells_per_condition``, or drop them."""
+    min_cells = _min_cells(entry)
+    kept = obs[keep]
+    sizes = _condition_sizes(kept, PERT_COL, CONTEXT_COL, "")
+    small = _small_conditions(sizes, min_cells)
+    if not len(small):
+        return keep
+    if not entry.get("drop_small_conditions", False):
+        _raise_small(small, min_cells, path, "after QC")
+    logger.warning("%s: dropping %d conditions with fewer than %d cells: %s", path, len(small), min_cells,
+                   ", ".join(f"{c} x {p} ({n})" for (c, p), n in small.items()))
+    pairs = pd.MultiIndex.from_arrays([obs[CONTEXT_COL].astype(str), obs[PERT_COL].astype(str)])
+    keep = keep & ~pairs.isin(small.index)
+    _check_not_empty(int(keep.sum()), n_genes, path, "after QC and dropping small conditions")
+    if CONTROL not in set(obs[PERT_COL].to_numpy()[keep]):
+        raise input_error(path, "min_cells_per_condition",
+                          "no control cells are left after QC and dropping small conditions",
+                          "lower `min_cells_per_condition` or loosen `qc`")
+    return keep
+
+
+def _selection(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A 0/1 CSR matrix with ones at (rows[i], cols[i])."""
+    return sp.csr_matrix((np.ones(len(rows), dtype=np.int32), (rows, cols)), shape=shape)
+
+
+def _gene_qc(X: Any, keep: np.ndarray, var: pd.DataFrame, min_cells: int, path: str,
+             progress: bool) -> tuple[pd.DataFrame, sp.csr_matrix]:
+    """Genes detected in at least ``min_cells`` kept cells (one more pass when the filter is on)."""
+    n_genes = var.shape[0]
+    if min_cells <= 0:
+        return var.copy(), _selection(np.arange(n_genes), np.arange(n_genes), (n_genes, n_genes))
+    n_cells = np.zeros(n_genes, dtype=np.int64)
+    for start, block in _count_blocks(X, "gene statistics", progress):
+        block = block[np.flatnonzero(keep[start:start + block.shape[0]])]
+        n_cells += np.bincount(block.indices, minlength=n_genes)
+    kept = np.flatnonzero(n_cells >= min_cells)
+    logger.info("%s: gene QC keeps %d of %d genes", path, kept.size, n_genes)
+    _check_not_empty(int(keep.sum()), kept.size, path, "after QC (genes)")
+    return var.iloc[kept].copy(), _selection(kept, np.arange(kept.size), (n_genes, kept.size))
+
+
+def _align_genes(var: pd.DataFrame, genes: list[str], genes_path: str,
+                 path: str) -> tuple[pd.DataFrame, sp.csr_matrix]:
     """Reorder the genes to ``genes``: absent ones become all-zero columns, others are dropped.
 
-    Done as a sparse product with a 0/1 selection matrix so the counts stay sparse.
+    Returned as a 0/1 selection matrix (the counts stay sparse when multiplied by it).
     """
-    pos = adata.var_names.get_indexer(genes)
+    pos = pd.Index(var.index).get_indexer(genes)
     present = pos >= 0
     n_present = int(present.sum())
     if n_present == 0:
         raise input_error(genes_path, "genes",
                           f"none of the {len(genes)} listed genes is in {path} (list starts {_shown(genes[:3])}, "
-                          f"data genes start {_shown(list(adata.var_names[:3]))})",
+                          f"data genes start {_shown(list(var.index[:3]))})",
                           "use a gene list with the same identifiers as the data (symbols vs Ensembl IDs)")
-    select = sp.csr_matrix(
-        (np.ones(n_present, dtype=np.int32), (pos[present], np.flatnonzero(present))),
-        shape=(adata.n_vars, len(genes)),
-    )
-    X = sp.csr_matrix(adata.X @ select, dtype=np.int32)
-    X.sort_indices()
+    select = _selection(pos[present], np.flatnonzero(present), (var.shape[0], len(genes)))
     logger.info("%s: aligned to %d genes of %s: %d found, %d absent (added as zeros), %d data genes dropped",
-                path, len(genes), genes_path, n_present, len(genes) - n_present, adata.n_vars - n_present)
+                path, len(genes), genes_path, n_present, len(genes) - n_present, var.shape[0] - n_present)
     if n_present < len(genes) / 2:
         logger.warning("%s: only %d of %d listed genes are in the data", path, n_present, len(genes))
-    var = _reindex_var(adata.var, genes)
-    var["in_raw_data"] = present
-    return ad.AnnData(X=X, obs=adata.obs, var=var, uns=adata.uns, obsm=dict(adata.obsm.items()))
+    out = _reindex_var(var, genes)
+    out["in_raw_data"] = present
+    return out, select
 
 
-def _genes_step(adata: ad.AnnData, entry: dict, qc: dict, path: str) -> tuple[ad.AnnData, int]:
-    """Gene filter or gene-list alignment; returns (adata, number of zero-filled genes).
+def _plan(X: Any, obs: pd.DataFrame, var: pd.DataFrame, entry: dict, dataset: str, path: str,
+          progress: bool) -> _Plan:
+    """Decide the kept cells (QC, then condition sizes) and genes (filter or gene list)."""
+    qc = {**_QC_DEFAULTS, **(entry.get("qc") or {})}
+    var = var.copy()
+    var.index = var.index.astype(str)
+    canon = _canonical_obs(obs, entry, dataset)
+    canon.index = canon.index.astype(str)
+    if not canon.index.is_unique:
+        logger.info("%s: obs names are not unique; adding suffixes (-1, -2, ...)", path)
+        canon.index = ad.utils.make_index_unique(canon.index)
 
-    With a gene list, the list defines the gene space (shared across datasets), so
-    ``min_cells_per_gene`` is not applied: it would remove listed genes.
-    """
+    stats = _cell_stats(X, _mito_genes(var.index, qc, path), progress)
+    keep = _cell_qc(canon, stats, qc, var.index, path)
+    keep = _enforce_condition_sizes(canon, keep, entry, var.shape[0], path)
+
+    # With a gene list, the list defines the gene space (shared across datasets), so
+    # min_cells_per_gene is not applied: it would remove listed genes.
     genes_path = entry.get("genes")
-    if not genes_path:
-        return _gene_qc(adata, int(qc["min_cells_per_gene"]), path), 0
-    if qc["min_cells_per_gene"] > 0:
-        logger.warning("%s: qc.min_cells_per_gene is ignored because a gene list (`genes`) is given", path)
-    genes = read_gene_list(genes_path)
-    out = _align_genes(adata, genes, genes_path, path)
-    return out, int((~out.var["in_raw_data"]).sum())
+    if genes_path:
+        if qc["min_cells_per_gene"] > 0:
+            logger.warning("%s: qc.min_cells_per_gene is ignored because a gene list (`genes`) is given", path)
+        out_var, select = _align_genes(var, read_gene_list(genes_path), genes_path, path)
+        n_zero_filled = int((~out_var["in_raw_data"]).sum())
+    else:
+        out_var, select = _gene_qc(X, keep, var, int(qc["min_cells_per_gene"]), path, progress)
+        n_zero_filled = 0
+    _check_not_empty(int(keep.sum()), out_var.shape[0], path, "after QC")
+    return _Plan(keep=keep, obs=canon[keep].copy(), var=out_var, select=select, n_zero_filled=n_zero_filled)
+
+
+def _output_blocks(X: Any, plan: _Plan, progress: bool) -> Iterator[sp.csr_matrix]:
+    """The processed counts, one CSR int32 row block at a time (kept cells, output genes)."""
+    for start, block in _count_blocks(X, "writing counts", progress):
+        rows = np.flatnonzero(plan.keep[start:start + block.shape[0]])
+        if rows.size:
+            out = sp.csr_matrix(block[rows] @ plan.select, dtype=np.int32)
+            out.sort_indices()
+            yield out
+
+
+def _summary(plan: _Plan, entry: dict, dataset: str, n_cells_raw: int, n_genes_raw: int) -> dict:
+    """``uns['lingshu']``: what the processed file is and how it was made."""
+    return {
+        "dataset": dataset,
+        "control_label": _control_label(entry),
+        "perturbation_type": str(entry.get("perturbation_type") or ""),  # h5ad cannot store None
+        "n_cells_raw": int(n_cells_raw),
+        "n_genes_raw": int(n_genes_raw),
+        "n_cells": int(plan.keep.sum()),
+        "n_genes": int(plan.var.shape[0]),
+        "n_genes_zero_filled": plan.n_zero_filled,
+    }
+
+
+def _obsm_rows(obsm: Any, keep: np.ndarray) -> dict:
+    """Copies of the obsm arrays / frames restricted to the kept cells."""
+    out = {}
+    for key, value in dict(obsm).items():
+        out[key] = value.iloc[keep].copy() if isinstance(value, pd.DataFrame) else value[keep].copy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
 
 
 def preprocess(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress: bool = False) -> ad.AnnData:
@@ -593,30 +705,75 @@ def preprocess(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress
     The result has raw counts as CSR int32 in X; obs with the original columns plus canonical
     ``perturbation`` (controls relabelled ``control``), ``context`` and ``batch`` as strings;
     unique str obs/var names; QC applied (cells, then condition sizes, then genes or the gene
-    list); ``uns['lingshu']`` describing the dataset. The input object is not modified.
-    Raises InputError (file, field, fix) on any bad input, including an empty result.
+    list); ``uns['lingshu']`` describing the dataset. Layers, obsp and varm are not carried
+    over. The input object is not modified. Raises InputError (file, field, fix) on any bad
+    input, including an empty result. :func:`preprocess_file` does the same from file to
+    file without holding the counts in memory.
     """
-    qc = {**_QC_DEFAULTS, **(entry.get("qc") or {})}
-    n_cells_raw, n_genes_raw = adata.n_obs, adata.n_vars
     _validate_metadata(adata.obs, adata.var_names, entry, path)
-    _check_counts(_counts_matrix(adata, entry, path), entry, path, progress, layers=list(adata.layers.keys()))
-
-    out = _canonical_copy(adata, entry, dataset, path, progress)
-    out = _cell_qc(out, qc, path)
-    out = _enforce_condition_sizes(out, entry, path)
-    out, n_zero_filled = _genes_step(out, entry, qc, path)
-    _check_not_empty(out.n_obs, out.n_vars, path, "after QC")
-
-    out.uns["lingshu"] = {
-        "dataset": dataset,
-        "control_label": _control_label(entry),
-        "perturbation_type": str(entry.get("perturbation_type") or ""),  # h5ad cannot store None
-        "n_cells_raw": int(n_cells_raw),
-        "n_genes_raw": int(n_genes_raw),
-        "n_cells": int(out.n_obs),
-        "n_genes": int(out.n_vars),
-        "n_genes_zero_filled": n_zero_filled,
-    }
+    X = _counts_matrix(adata, entry, path)
+    _check_counts(X, entry, path, progress, layers=list(adata.layers.keys()))
+    if sp.issparse(X) and X.format != "csr":
+        X = X.tocsr()
+    plan = _plan(X, adata.obs, adata.var, entry, dataset, path, progress)
+    blocks = list(_output_blocks(X, plan, progress))
+    counts = sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.int32)
+    out = ad.AnnData(X=counts, obs=plan.obs, var=plan.var, uns=copy.deepcopy(dict(adata.uns)),
+                     obsm=_obsm_rows(adata.obsm, plan.keep))
+    out.uns["lingshu"] = _summary(plan, entry, dataset, adata.n_obs, adata.n_vars)
     logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", path, dataset,
-                out.n_obs, out.n_vars, n_cells_raw, n_genes_raw)
+                out.n_obs, out.n_vars, adata.n_obs, adata.n_vars)
     return out
+
+
+def _streamable_counts(f: h5py.File, entry: dict, path: str) -> Any:
+    """The file's counts as something row-sliceable without loading them (CSR or dense).
+
+    CSC counts cannot be read by rows piecewise: they are loaded and converted (with a warning).
+    """
+    layer = entry.get("layer")
+    key = f"layers/{layer}" if layer else "X"
+    if key not in f:
+        available = list(f["layers"].keys()) if "layers" in f else []
+        raise input_error(path, "layer" if layer else "X", f"{key} is not in the file; available layers: "
+                          f"{_shown(available) or '(none)'}", "set `layer` to the layer holding raw counts")
+    elem = f[key]
+    if isinstance(elem, h5py.Dataset):
+        return elem  # dense: h5py reads row slices
+    encoding = elem.attrs.get("encoding-type")
+    if encoding == "csr_matrix":
+        return ad.io.sparse_dataset(elem)
+    logger.warning("%s: %s is stored as %s, which cannot be streamed by rows; loading it into memory "
+                   "(store the counts as CSR to preprocess large files in bounded memory)", path, key, encoding)
+    return sp.csr_matrix(ad.io.read_elem(elem))
+
+
+def preprocess_file(raw_path: str, entry: dict, dataset: str, out_path: str, progress: bool = False) -> None:
+    """Preprocess the raw h5ad at ``raw_path`` into ``out_path``, streaming the counts.
+
+    Same result as ``preprocess(read_raw(raw_path, entry), ...)`` written with
+    :func:`~lingshu.io.write_h5ad`, but the counts are read and written one row block at a time
+    (about BLOCK_ELEMENTS values), so memory stays bounded by the cell metadata whatever the
+    number of cells. Passes over the counts: value check, cell statistics, gene statistics (only
+    with ``min_cells_per_gene``), writing. The output appears only when complete.
+    """
+    with _open_h5(raw_path) as f:
+        if "obs" not in f or "var" not in f or f["obs"].attrs.get("encoding-type") is None:
+            # Old (pre-0.7) layouts cannot be read piecewise: go through memory.
+            write_h5ad(preprocess(read_raw(raw_path, entry), entry, dataset, raw_path, progress), out_path)
+            return
+        obs = ad.io.read_elem(f["obs"])
+        var = ad.io.read_elem(f["var"])
+        _validate_metadata(obs, var.index, entry, raw_path)
+        X = _streamable_counts(f, entry, raw_path)
+        layers = list(f["layers"].keys()) if "layers" in f else []
+        _check_counts(X, entry, raw_path, progress, layers=layers)
+        plan = _plan(X, obs, var, entry, dataset, raw_path, progress)
+        uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
+        uns["lingshu"] = _summary(plan, entry, dataset, len(obs), len(var))
+        obsm = _obsm_rows(ad.io.read_elem(f["obsm"]), plan.keep) if "obsm" in f else {}
+        with atomic_path(out_path) as tmp:
+            write_h5ad_streaming(tmp, obs=plan.obs, var=plan.var, uns=uns, obsm=obsm,
+                                 blocks=_output_blocks(X, plan, progress))
+    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", raw_path, dataset,
+                len(plan.obs), len(plan.var), len(obs), len(var))
