@@ -59,12 +59,20 @@ def cmd_split(args) -> None:
              .to_dict())
 
 
-def _load(processed: str, cells: str, conditions: str):
+def _load(processed: str, cells: str, conditions: str, backed: bool = False):
     import anndata as ad
 
     from lingshu.data.split import read_split
 
-    return ad.read_h5ad(processed), read_split(cells, conditions)
+    return ad.read_h5ad(processed, backed="r" if backed else None), read_split(cells, conditions)
+
+
+def cmd_tokenize(args) -> None:
+    from lingshu.data.tokenstore import write_tokens
+
+    meta = write_tokens(args.processed, args.out, progress=True)
+    log.info("tokenised %d cells x %d genes (%d nonzero tokens)", meta["n_cells"], meta["n_genes"],
+             meta["nnz"])
 
 
 def cmd_features(args) -> None:
@@ -91,12 +99,20 @@ def _limit_threads(threads: int) -> None:
 
 
 def _training_data(args, include_control_input: bool = False):
+    from lingshu.data.tokenstore import TokenStore
+    from lingshu.models.registry import TOKENISED
     from lingshu.stages import read_features, training_data
 
-    adata, split = _load(args.processed, args.cells, args.conditions)
+    if args.tokens and args.model not in TOKENISED:
+        raise InputError(f"command line: --tokens is for models that train from count tokens "
+                         f"({sorted(TOKENISED)}), not {args.model}. Fix: drop --tokens")
+    # With --tokens the counts stay on disk: only obs and var of the processed file are read.
+    adata, split = _load(args.processed, args.cells, args.conditions, backed=bool(args.tokens))
+    tokens = (TokenStore.open(args.tokens, obs_names=adata.obs_names, genes=adata.var_names)
+              if args.tokens else None)
     return training_data(adata, split, read_features(args.features), seed=args.seed,
                          entry=_json(args.entry), workdir=args.workdir, threads=args.threads,
-                         include_control_input=include_control_input)
+                         include_control_input=include_control_input, tokens=tokens)
 
 
 def cmd_pretrain(args) -> None:
@@ -226,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     split_files = [("--cells", "split cell table"), ("--conditions", "split condition table")]
 
+    p = add("tokenize", cmd_tokenize, "write the memory-mapped count tokens (Lingshu-Cell)")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--out", required=True, help="the token folder")
+
     p = add("split", cmd_split, "write the held-out split")
     p.add_argument("--processed", required=True)
     p.add_argument("--spec", required=True, help="JSON of the entry's split block")
@@ -259,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--workdir", help="folder for resumable training state")
+        p.add_argument("--tokens", help="token folder of the tokenize command (models that "
+                       "train from tokens): the counts are then never loaded")
         p.add_argument("--out", required=True)
 
     p = add("pretrain", cmd_pretrain, "unconditional pre-training (models that have it)")

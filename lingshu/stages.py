@@ -73,11 +73,15 @@ def perturbation_targets(labels, genes, entry: dict) -> dict[str, list[str]]:
 
 def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None,
                   seed: int, entry: dict | None = None, workdir: str | None = None,
-                  threads: int = 1, include_control_input: bool = False) -> TrainingData:
+                  threads: int = 1, include_control_input: bool = False,
+                  tokens=None) -> TrainingData:
     """The training cells' counts and labels, with the shared perturbation features.
 
     include_control_input: also hand over the control input cells (for unconditional
     pre-training on every cell that is not held-out truth).
+    tokens: a :class:`~lingshu.data.tokenstore.TokenStore` of every processed cell; the
+        training cells' rows of it are handed over instead of their counts (``adata`` may then
+        be backed: its counts are never read).
     """
     entry = entry or {}
     train = _rows(adata, split, SPLIT_TRAIN)  # also checks that the split matches the data
@@ -86,11 +90,12 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
     obs = adata.obs.iloc[train][cols].astype(str).reset_index(drop=True)
     labels = sorted(set(adata.obs[PERT_COL].astype(str)))
-    return TrainingData(counts=_counts(adata, train), obs=obs,
+    return TrainingData(counts=_counts(adata, train) if tokens is None else None, obs=obs,
                         genes=adata.var_names.to_numpy(), features=features, seed=seed,
                         targets=perturbation_targets(labels, adata.var_names, entry),
                         perturbation_type=entry.get("perturbation_type", "genetic"),
-                        workdir=Path(workdir) if workdir else None, threads=threads)
+                        workdir=Path(workdir) if workdir else None, threads=threads,
+                        tokens=None if tokens is None else tokens.subset(train))
 
 
 def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:

@@ -42,9 +42,12 @@ class TrainingData:
     perturbation_type: ``genetic`` or ``stimulation`` (the dataset entry's).
     workdir: a folder the model may keep resumable training state in (or None).
     threads: CPU threads the model may use.
+    tokens: the training cells' count tokens, memory-mapped
+        (:class:`lingshu.data.tokenstore.TokenStore`), for models in ``registry.TOKENISED``;
+        ``counts`` is then None (never loaded).
     """
 
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     obs: pd.DataFrame
     genes: np.ndarray
     features: pd.DataFrame | None
@@ -53,6 +56,7 @@ class TrainingData:
     perturbation_type: str = "genetic"
     workdir: Path | None = None
     threads: int = 1
+    tokens: Any = None
 
 
 @dataclass
@@ -145,10 +149,14 @@ def data_fingerprint(data: TrainingData, **extra: Any) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    counts = sp.csr_matrix(data.counts)
-    for arr in (counts.indptr, counts.indices, counts.data):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(repr(counts.shape).encode())
+    if data.counts is None:  # memory-mapped tokens: their stored hash and the rows
+        h.update(data.tokens.fingerprint().encode())
+        h.update(repr(data.tokens.shape).encode())
+    else:
+        counts = sp.csr_matrix(data.counts)
+        for arr in (counts.indptr, counts.indices, counts.data):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(repr(counts.shape).encode())
     for col in sorted(data.obs.columns):
         h.update(col.encode())
         h.update("\x1f".join(map(str, data.obs[col].to_numpy())).encode())

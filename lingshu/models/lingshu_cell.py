@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.tokenstore import TokenStore
 from lingshu.models.base import (
     ConditionInput,
     PerturbationModel,
@@ -46,7 +46,7 @@ from lingshu.models.mddm.train import (
     save_checkpoint,
     train,
 )
-from lingshu.tokens import dequantize_tokens, quantize_counts
+from lingshu.tokens import dequantize_tokens
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,20 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def counts_to_tokens(counts: sp.csr_matrix, chunk: int = 4096) -> torch.Tensor:
-    """(n_cells, n_genes) raw counts -> (n_cells, n_genes) int16 count tokens, chunk-wise."""
-    out = torch.empty(counts.shape, dtype=torch.int16)
-    for start in range(0, counts.shape[0], chunk):
-        block = counts[start:start + chunk].toarray()
-        out[start:start + chunk] = torch.from_numpy(
-            np.asarray(quantize_counts(block), dtype=np.int16))
-    return out
+def training_tokens(data: TrainingData) -> TokenStore:
+    """The training cells' count tokens: the memory-mapped store of the tokenize stage when
+    the pipeline gave one, else made from the counts in memory (small data, tests)."""
+    if data.tokens is not None:
+        if data.tokens.shape != (len(data.obs), len(data.genes)):
+            raise ValueError(f"lingshu: the token store holds {data.tokens.shape} cells x genes "
+                             f"for {len(data.obs)} training cells x {len(data.genes)} genes")
+        return data.tokens
+    return TokenStore.from_counts(data.counts)
+
+
+def token_batch(store: TokenStore, idx: torch.Tensor) -> torch.Tensor:
+    """(len(idx), n_genes) long tokens of the cells ``idx`` of ``store``."""
+    return torch.from_numpy(store.dense(idx.numpy()))
 
 
 class LingshuCell(PerturbationModel):
@@ -131,13 +137,12 @@ class LingshuCell(PerturbationModel):
     def pretrain(self, data: TrainingData, out_path: str | Path) -> None:
         """Train the unconditional model on ``data`` and write its EMA weights to ``out_path``."""
         torch.manual_seed(data.seed)
-        tokens = counts_to_tokens(data.counts)
-        net_cfg = self._network_config(tokens.shape[1], data.seed)
+        tokens = training_tokens(data)
+        net_cfg = self._network_config(tokens.n_genes, data.seed)
         net = LingshuNetwork(net_cfg).to(self.device)
 
         def sample_batch(n, gen):
-            idx = torch.randint(tokens.shape[0], (n,), generator=gen)
-            return tokens[idx].long()
+            return token_batch(tokens, torch.randint(tokens.n_cells, (n,), generator=gen))
 
         def loss_fn(model, batch, gen):
             noisy, mask, t = mask_tokens(batch, gen)
@@ -178,14 +183,14 @@ class LingshuCell(PerturbationModel):
         self.guidance = (self.cfg["guidance"] if self.cfg["guidance"] is not None
                          else (2.0 if data.perturbation_type == "genetic" else 3.0))
 
-        tokens = counts_to_tokens(data.counts)
+        tokens = training_tokens(data)
         ctx = torch.tensor([self.contexts.index(c) for c in data.obs[CONTEXT_COL]])
         pert = torch.tensor([self._pert_index(p) for p in data.obs[PERT_COL]])
         tgt = torch.stack([self._target_row(p) for p in self.perturbations])[pert - 1]
         has_targets = (tgt >= 0).any(dim=1)
 
         self.net_cfg = self._network_config(
-            tokens.shape[1], data.seed, n_contexts=len(self.contexts),
+            tokens.n_genes, data.seed, n_contexts=len(self.contexts),
             n_perturbations=len(self.perturbations) + 1)
         net = LingshuNetwork(self.net_cfg).to(self.device)
         init_state = pretrained_weights(init) if init is not None else None
@@ -193,8 +198,8 @@ class LingshuCell(PerturbationModel):
         dropout = float(self.cfg["identity_dropout"])
 
         def sample_batch(n, gen):
-            idx = torch.randint(tokens.shape[0], (n,), generator=gen)
-            return tokens[idx].long(), ctx[idx], pert[idx], tgt[idx], has_targets[idx]
+            idx = torch.randint(tokens.n_cells, (n,), generator=gen)
+            return token_batch(tokens, idx), ctx[idx], pert[idx], tgt[idx], has_targets[idx]
 
         def loss_fn(model, batch, gen):
             tok, c, p, t_genes, has_t = batch

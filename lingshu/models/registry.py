@@ -32,6 +32,10 @@ GENERATIVE = {"lingshu": "pretrain", "scldm": "fit"}
 # their config block asks for more than one GPU.
 DDP_MODELS = {"lingshu"}
 
+# Models that train from the memory-mapped count tokens of the tokenize rule
+# (lingshu.data.tokenstore) instead of counts loaded into memory.
+TOKENISED = {"lingshu"}
+
 # Models whose jobs run in a conda env of their own (envs/<env>.yaml); the rest use models.yaml.
 MODEL_ENVS = {"state": "state"}
 

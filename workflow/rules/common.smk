@@ -2,7 +2,7 @@
 import json
 import os
 
-from lingshu.models.registry import DDP_MODELS, GENERATIVE, MODEL_ENVS, PRETRAINING
+from lingshu.models.registry import DDP_MODELS, GENERATIVE, MODEL_ENVS, PRETRAINING, TOKENISED
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
@@ -37,6 +37,15 @@ def model_block(model, dataset=None):
 def model_env(wildcards):
     """The conda env of a model's jobs (STATE brings arc-state and its dependencies)."""
     return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
+
+
+def token_input(wildcards):
+    """The memory-mapped count tokens, for models that train from them."""
+    return [f"{R}/{wildcards.dataset}/tokens"] if wildcards.model in TOKENISED else []
+
+
+def token_flag(wildcards, input):
+    return f"--tokens {input.tokens}" if input.tokens else ""
 
 
 def launcher(wildcards):
@@ -85,6 +94,7 @@ def all_targets():
 def job_names(dataset):
     """Benchmark files the report's cost table reads (those that exist when it runs)."""
     names = ["preprocess", "split", "features", "truth"]
+    names += ["tokenize"] if set(models_of(dataset)) & TOKENISED else []
     for m in models_of(dataset):
         names += [f"pretrain_{m}"] if m in PRETRAINING else []
         names += [f"fit_{m}", f"predict_{m}", f"evaluate_{m}"]

@@ -2,12 +2,31 @@
 # A model's config block may set threads, mem_mb and gpu; the rest are its parameters.
 
 
+rule tokenize:
+    input:
+        f"{R}/{{dataset}}/processed.h5ad",
+    output:
+        directory(f"{R}/{{dataset}}/tokens"),
+    log:
+        f"{R}/{{dataset}}/logs/tokenize.log",
+    benchmark:
+        f"{R}/{{dataset}}/benchmarks/tokenize.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/models.yaml"
+    shell:
+        "python -m lingshu tokenize --processed {input} --out {output} > {log} 2>&1"
+
+
 rule pretrain_model:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
         cells=f"{R}/{{dataset}}/split/cells.tsv",
         conditions=f"{R}/{{dataset}}/split/conditions.tsv",
         features=f"{R}/{{dataset}}/features.tsv",
+        tokens=token_input,
     output:
         f"{R}/{{dataset}}/models/{{model}}/pretrain.pt",
     params:
@@ -16,6 +35,7 @@ rule pretrain_model:
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
         launcher=launcher,
+        tokens=token_flag,
     log:
         f"{R}/{{dataset}}/logs/pretrain_{{model}}.log",
     benchmark:
@@ -30,7 +50,7 @@ rule pretrain_model:
         "{params.launcher} pretrain --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --features {input.features} "
         "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
-        "--seed {params.seed} --threads {threads} --workdir {params.workdir} "
+        "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.tokens} "
         "--out {output} > {log} 2>&1"
 
 
@@ -45,6 +65,7 @@ rule fit_model:
             if w.model in PRETRAINING
             else []
         ),
+        tokens=token_input,
     output:
         f"{R}/{{dataset}}/models/{{model}}/model.npz",
     params:
@@ -54,6 +75,7 @@ rule fit_model:
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
         launcher=launcher,
+        tokens=token_flag,
     log:
         f"{R}/{{dataset}}/logs/fit_{{model}}.log",
     benchmark:
@@ -69,7 +91,7 @@ rule fit_model:
         "--conditions {input.conditions} --features {input.features} "
         "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
         "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.init} "
-        "--out {output} > {log} 2>&1"
+        "{params.tokens} --out {output} > {log} 2>&1"
 
 
 rule predict:

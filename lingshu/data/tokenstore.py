@@ -1,0 +1,216 @@
+"""Lingshu-Cell's on-disk training format: count tokens of every cell, memory-mapped.
+
+The tokenise stage reads the processed counts one row block at a time and writes, beside them,
+the nonzero count tokens (SPEC 1.1) in CSR layout:
+
+- ``indptr.npy`` (int64, n_cells + 1): where each cell's genes start;
+- ``indices.npy`` (uint16; uint32 past 65,535 genes): the gene of each nonzero token;
+- ``values.npy`` (uint16): the token (1..280; a zero count is token 0 and is not stored);
+- ``meta.json``: format, shape, genes, a hash of the cell names and of the arrays.
+
+At 18,080 genes and ~15% detected genes a cell costs about 11 KB instead of 36 KB as dense
+uint16 tokens. Training opens the arrays with ``mmap_mode="r"`` and builds each mini-batch's
+dense (B, G) token matrix from the rows it draws (:meth:`TokenStore.dense`), so memory holds
+one batch, not the data; the operating system's page cache does the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from lingshu.errors import input_error
+from lingshu.tokens import quantize_counts
+
+FORMAT = "lingshu-tokens/1"
+BLOCK_VALUES = 1 << 24  # nonzero counts read per block while tokenising
+ARRAYS = ("indptr", "indices", "values")
+
+
+def _index_dtype(n_genes: int) -> np.dtype:
+    return np.dtype(np.uint16) if n_genes <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def names_sha256(names) -> str:
+    """A hash of cell (or gene) names, to check that two files describe the same cells."""
+    return hashlib.sha256("\x1f".join(map(str, names)).encode()).hexdigest()
+
+
+class TokenStore:
+    """Count tokens of a set of cells (CSR), in memory or memory-mapped, maybe a row subset.
+
+    n_cells / n_genes: the shape seen by the caller (after :meth:`subset`).
+    """
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_genes: int,
+                 fingerprint: str, rows: np.ndarray | None = None) -> None:
+        self.indptr, self.indices, self.values = indptr, indices, values
+        self.n_genes = int(n_genes)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._fingerprint = fingerprint
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_counts(cls, counts: sp.spmatrix) -> TokenStore:
+        """Tokens of in-memory raw counts (small data; the same layout as on disk)."""
+        csr = sp.csr_matrix(counts, copy=True)
+        csr.eliminate_zeros()  # a zero count is token 0: never stored
+        csr.sort_indices()
+        store = cls(np.asarray(csr.indptr, dtype=np.int64),
+                    csr.indices.astype(_index_dtype(csr.shape[1])),
+                    quantize_counts(csr.data, dtype=np.uint16), csr.shape[1], fingerprint="")
+        h = hashlib.sha256()
+        for arr in (store.indptr, store.indices, store.values):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        store._fingerprint = h.hexdigest()
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, obs_names=None, genes=None) -> TokenStore:
+        """Memory-map the store written by :func:`write_tokens`; check it matches the data.
+
+        obs_names / genes: when given, the processed data's cell and gene names; a store made
+        from other data raises InputError.
+        """
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise input_error(str(path), "tokens", "no meta.json: not a token store written by "
+                              "`python -m lingshu tokenize`", "re-run the tokenize rule")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise input_error(str(meta_path), "format", f"format {meta.get('format')!r}, expected "
+                              f"{FORMAT!r}", "re-run the tokenize rule with this version")
+        if obs_names is not None and names_sha256(obs_names) != meta["obs_names_sha256"]:
+            raise input_error(str(path), "tokens", "the tokens were made from other cells than the "
+                              "processed data", "re-run the tokenize rule after preprocessing")
+        if genes is not None and [str(g) for g in genes] != meta["genes"]:
+            raise input_error(str(path), "tokens", "the tokens were made over other genes than the "
+                              "processed data", "re-run the tokenize rule after preprocessing")
+        arrays = [np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS]
+        if arrays[0].shape != (meta["n_cells"] + 1,) or arrays[1].shape != (meta["nnz"],):
+            raise input_error(str(path), "tokens",
+                              "the arrays do not match meta.json (a partial or damaged store)",
+                              "delete the folder and re-run the tokenize rule")
+        return cls(*arrays, n_genes=meta["n_genes"], fingerprint=meta["sha256"])
+
+    def subset(self, rows: np.ndarray) -> TokenStore:
+        """The cells ``rows`` (indices into this store), without copying any token."""
+        rows = np.asarray(rows, dtype=np.int64)
+        base = rows if self.rows is None else self.rows[rows]
+        return TokenStore(self.indptr, self.indices, self.values, self.n_genes,
+                          self._fingerprint, rows=base)
+
+    # -------------------------------------------------------------- reading
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1 if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_cells, self.n_genes
+
+    def fingerprint(self) -> str:
+        """A hash of the tokens and the selected rows (for resumable training state)."""
+        h = hashlib.sha256(self._fingerprint.encode())
+        if self.rows is not None:
+            h.update(self.rows.tobytes())
+        return h.hexdigest()
+
+    def dense(self, idx: np.ndarray) -> np.ndarray:
+        """(len(idx), n_genes) int64 tokens of the cells ``idx`` (in the order given)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = idx if self.rows is None else self.rows[idx]
+        starts = np.asarray(self.indptr[rows], dtype=np.int64)
+        lengths = np.asarray(self.indptr[rows + 1], dtype=np.int64) - starts
+        out = np.zeros((len(rows), self.n_genes), dtype=np.int64)
+        total = int(lengths.sum())
+        if total == 0:
+            return out
+        # positions of every stored token of the chosen rows, row after row
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        order = np.argsort(offsets, kind="stable")  # read the memory map in file order
+        pos = offsets[order]
+        which = np.repeat(np.arange(len(rows)), lengths)[order]
+        out[which, np.asarray(self.indices[pos], dtype=np.int64)] = self.values[pos]
+        return out
+
+
+def write_tokens(processed: str | os.PathLike, out_dir: str | os.PathLike,
+                 progress: bool = False) -> dict:
+    """Tokenise the processed h5ad's counts into ``out_dir``, streaming; return meta.json's dict.
+
+    The counts are read one row block (about BLOCK_VALUES nonzeros) at a time and written into
+    preallocated memory-mapped arrays; the folder appears only when complete.
+    """
+    processed, out_dir = str(processed), Path(out_dir)
+    with h5py.File(processed, "r") as f:
+        obs_names = ad.io.read_elem(f["obs"]).index
+        genes = [str(g) for g in ad.io.read_elem(f["var"]).index]
+        if f["X"].attrs.get("encoding-type") != "csr_matrix":
+            raise input_error(processed, "X", "the counts are not stored as CSR",
+                              "re-run the preprocess rule (it writes CSR int32 counts)")
+        X = ad.io.sparse_dataset(f["X"])
+        n_cells, n_genes = X.shape
+        nnz = int(f["X"]["data"].shape[0])
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            def array(name, dtype, n):
+                return np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (n,))
+
+            indptr = array("indptr", np.int64, n_cells + 1)
+            indices = array("indices", _index_dtype(n_genes), nnz)
+            values = array("values", np.uint16, nnz)
+            indptr[0] = 0
+            h = hashlib.sha256()
+            step = max(1, int(BLOCK_VALUES // max(1.0, nnz / max(1, n_cells))))
+            done = 0
+            for start in tqdm(range(0, n_cells, step), desc="tokenising", unit="block",
+                              disable=not progress):
+                block = sp.csr_matrix(X[start:start + step])
+                block.sort_indices()
+                if block.nnz and (block.data <= 0).any():
+                    raise input_error(processed, "X", "zero or negative stored counts",
+                                      "re-run the preprocess rule (it removes explicit zeros)")
+                n = block.nnz
+                indices[done:done + n] = block.indices
+                values[done:done + n] = quantize_counts(block.data, dtype=np.uint16)
+                indptr[start + 1:start + 1 + block.shape[0]] = done + block.indptr[1:]
+                done += n
+            if done != nnz:
+                raise ValueError(f"tokenise: read {done} nonzeros, the file holds {nnz}")
+            for arr in (indptr, indices, values):
+                arr.flush()
+                for lo in range(0, arr.shape[0], BLOCK_VALUES):
+                    h.update(np.ascontiguousarray(arr[lo:lo + BLOCK_VALUES]).tobytes())
+            del indptr, indices, values
+            meta = {"format": FORMAT, "n_cells": int(n_cells), "n_genes": int(n_genes), "nnz": nnz,
+                    "index_dtype": _index_dtype(n_genes).name, "sha256": h.hexdigest(),
+                    "obs_names_sha256": names_sha256(obs_names), "genes": genes,
+                    "processed": os.path.abspath(processed)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            os.chmod(tmp, 0o777 & ~_umask())
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
