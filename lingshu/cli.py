@@ -59,12 +59,13 @@ def cmd_split(args) -> None:
              .to_dict())
 
 
-def _load(processed: str, cells: str, conditions: str, backed: bool = False):
+def _load(processed: str, cells: str, conditions: str):
+    """The processed data, backed (a stage reads only the rows it needs), and the split."""
     import anndata as ad
 
     from lingshu.data.split import read_split
 
-    return ad.read_h5ad(processed, backed="r" if backed else None), read_split(cells, conditions)
+    return ad.read_h5ad(processed, backed="r"), read_split(cells, conditions)
 
 
 def cmd_tokenize(args) -> None:
@@ -106,8 +107,8 @@ def _training_data(args, include_control_input: bool = False):
     if args.tokens and args.model not in TOKENISED:
         raise InputError(f"command line: --tokens is for models that train from count tokens "
                          f"({sorted(TOKENISED)}), not {args.model}. Fix: drop --tokens")
-    # With --tokens the counts stay on disk: only obs and var of the processed file are read.
-    adata, split = _load(args.processed, args.cells, args.conditions, backed=bool(args.tokens))
+    # With --tokens the counts are never read from the processed file.
+    adata, split = _load(args.processed, args.cells, args.conditions)
     tokens = (TokenStore.open(args.tokens, obs_names=adata.obs_names, genes=adata.var_names)
               if args.tokens else None)
     return training_data(adata, split, read_features(args.features), seed=args.seed,

@@ -92,8 +92,8 @@ class CsrAppender:
 
 def write_h5ad_streaming(path: str | os.PathLike, obs: pd.DataFrame, var: pd.DataFrame,
                          blocks: Iterable[sp.csr_matrix], uns: dict | None = None,
-                         obsm: dict | None = None) -> None:
-    """Write an h5ad whose X (CSR) arrives as row blocks, never held whole in memory.
+                         obsm: dict | None = None, dtype: Any = np.int32) -> None:
+    """Write an h5ad whose X (CSR, of ``dtype``) arrives as row blocks, never held whole.
 
     ``path`` is written in place (callers wrap it in :func:`atomic_path`). The blocks' rows
     must add up to ``len(obs)``; the file reads back with ``anndata.read_h5ad``.
@@ -107,7 +107,7 @@ def write_h5ad_streaming(path: str | os.PathLike, obs: pd.DataFrame, var: pd.Dat
         ad.io.write_elem(f, "obsm", dict(obsm or {}))
         for key in ("layers", "obsp", "varm", "varp"):
             ad.io.write_elem(f, key, {})
-        X = CsrAppender(f.create_group("X"), n_cols=len(var))
+        X = CsrAppender(f.create_group("X"), n_cols=len(var), dtype=dtype)
         for block in blocks:
             X.append(block)
         X.close()

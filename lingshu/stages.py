@@ -28,7 +28,7 @@ from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import Split
 from lingshu.io import read_table, write_table
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
-from lingshu.models.features import SOURCE_COL, perturbation_features
+from lingshu.models.features import SOURCE_COL, embedding_rows, perturbation_features
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,19 @@ def _rows(adata: ad.AnnData, split: Split, column: str) -> np.ndarray:
 
 
 def _counts(adata: ad.AnnData, rows: np.ndarray) -> sp.csr_matrix:
+    """The counts of ``rows`` (in memory, or read from a backed file: only those rows)."""
     x = adata.X[rows]
     return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
 
 
 def compute_features(adata: ad.AnnData, split: Split, entry: dict, n_components: int,
                      seed: int) -> pd.DataFrame:
-    """Perturbation features of every perturbation, from training cells only (SPEC 1.2a)."""
+    """Perturbation features of every perturbation, from training cells only (SPEC 1.2a).
+
+    Only the training cells the gene embedding samples are read (:func:`embedding_rows`).
+    """
     train = _rows(adata, split, SPLIT_TRAIN)
+    train = train[embedding_rows(train.size, seed)]
     return perturbation_features(
         perturbations=sorted(set(adata.obs[PERT_COL].astype(str))),
         genes=adata.var_names.to_numpy(),

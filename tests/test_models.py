@@ -166,3 +166,27 @@ def test_data_fingerprint_changes_with_the_inputs(tiny_processed):
                                             "test_perturbations": ["G3"]}, seed=0)
     assert fp != data_fingerprint(training_data(tiny_processed, other, None, seed=0),
                                   params={"a": 1})
+
+
+def test_stages_read_a_backed_file_as_in_memory(tiny_processed, tmp_path):
+    """The stages read only the rows they need from the backed processed file: same results."""
+    import pandas as pd
+
+    from lingshu.models.features import gene_embedding
+
+    adata = tiny_processed
+    adata.write_h5ad(tmp_path / "p.h5ad")
+    backed = ad.read_h5ad(tmp_path / "p.h5ad", backed="r")
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["G2"]}, seed=0)
+    entry = {"perturbation_type": "genetic"}
+    pd.testing.assert_frame_equal(compute_features(backed, split, entry, n_components=4, seed=3),
+                                  compute_features(adata, split, entry, n_components=4, seed=3))
+    a, b = build_truth(backed, split), build_truth(adata, split)
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    # the embedding of the seeded subsample is the embedding of all the cells
+    x = np.random.default_rng(0).poisson(2.0, size=(300, 12)).astype(np.float32)
+    np.testing.assert_allclose(gene_embedding(x, 3, seed=1, max_cells=100),
+                               gene_embedding(x[np.sort(np.random.default_rng(1).choice(
+                                   300, 100, replace=False))], 3, seed=1, max_cells=100),
+                               rtol=1e-5)

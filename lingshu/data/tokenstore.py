@@ -1,7 +1,7 @@
 """Lingshu-Cell's on-disk training format: count tokens of every cell, memory-mapped.
 
 The tokenise stage reads the processed counts one row block at a time and writes, beside them,
-the nonzero count tokens (SPEC 1.1) in CSR layout:
+the nonzero count tokens (SPEC 1.1) in CSR layout, with plain sequential writes:
 
 - ``indptr.npy`` (int64, n_cells + 1): where each cell's genes start;
 - ``indices.npy`` (uint16; uint32 past 65,535 genes): the gene of each nonzero token;
@@ -41,6 +41,36 @@ def _index_dtype(n_genes: int) -> np.dtype:
     return np.dtype(np.uint16) if n_genes <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
+def _combined(digests: list[str]) -> str:
+    """One hash of the three arrays from their own hashes (indptr, indices, values)."""
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+class _NpyWriter:
+    """Write a 1-D .npy file of known length block by block with plain writes (no memory map,
+    so the writer's memory does not grow with the file), hashing the bytes as they go."""
+
+    def __init__(self, path: Path, dtype, n: int) -> None:
+        self.dtype, self.n, self.done = np.dtype(dtype), int(n), 0
+        self.fh = open(path, "wb")
+        np.lib.format.write_array_header_2_0(
+            self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.n,)})
+        self.sha = hashlib.sha256()
+
+    def write(self, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        self.fh.write(data)
+        self.sha.update(data)
+        self.done += len(values)
+
+    def close(self) -> str:
+        self.fh.close()
+        if self.done != self.n:
+            raise ValueError(f"tokenise: wrote {self.done} values of {self.n}")
+        return self.sha.hexdigest()
+
+
 def names_sha256(names) -> str:
     """A hash of cell (or gene) names, to check that two files describe the same cells."""
     return hashlib.sha256("\x1f".join(map(str, names)).encode()).hexdigest()
@@ -66,14 +96,11 @@ class TokenStore:
         csr = sp.csr_matrix(counts, copy=True)
         csr.eliminate_zeros()  # a zero count is token 0: never stored
         csr.sort_indices()
-        store = cls(np.asarray(csr.indptr, dtype=np.int64),
-                    csr.indices.astype(_index_dtype(csr.shape[1])),
-                    quantize_counts(csr.data, dtype=np.uint16), csr.shape[1], fingerprint="")
-        h = hashlib.sha256()
-        for arr in (store.indptr, store.indices, store.values):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        store._fingerprint = h.hexdigest()
-        return store
+        arrays = (np.asarray(csr.indptr, dtype=np.int64),
+                  csr.indices.astype(_index_dtype(csr.shape[1])),
+                  quantize_counts(csr.data, dtype=np.uint16))
+        digests = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays]
+        return cls(*arrays, csr.shape[1], fingerprint=_combined(digests))
 
     @classmethod
     def open(cls, path: str | os.PathLike, obs_names=None, genes=None) -> TokenStore:
@@ -166,16 +193,11 @@ def write_tokens(processed: str | os.PathLike, out_dir: str | os.PathLike,
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            def array(name, dtype, n):
-                return np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, (n,))
-
-            indptr = array("indptr", np.int64, n_cells + 1)
-            indices = array("indices", _index_dtype(n_genes), nnz)
-            values = array("values", np.uint16, nnz)
-            indptr[0] = 0
-            h = hashlib.sha256()
+            indptr = _NpyWriter(tmp / "indptr.npy", np.int64, n_cells + 1)
+            indices = _NpyWriter(tmp / "indices.npy", _index_dtype(n_genes), nnz)
+            values = _NpyWriter(tmp / "values.npy", np.uint16, nnz)
+            indptr.write(np.zeros(1, dtype=np.int64))
             step = max(1, int(BLOCK_VALUES // max(1.0, nnz / max(1, n_cells))))
-            done = 0
             for start in tqdm(range(0, n_cells, step), desc="tokenising", unit="block",
                               disable=not progress):
                 block = sp.csr_matrix(X[start:start + step])
@@ -183,20 +205,12 @@ def write_tokens(processed: str | os.PathLike, out_dir: str | os.PathLike,
                 if block.nnz and (block.data <= 0).any():
                     raise input_error(processed, "X", "zero or negative stored counts",
                                       "re-run the preprocess rule (it removes explicit zeros)")
-                n = block.nnz
-                indices[done:done + n] = block.indices
-                values[done:done + n] = quantize_counts(block.data, dtype=np.uint16)
-                indptr[start + 1:start + 1 + block.shape[0]] = done + block.indptr[1:]
-                done += n
-            if done != nnz:
-                raise ValueError(f"tokenise: read {done} nonzeros, the file holds {nnz}")
-            for arr in (indptr, indices, values):
-                arr.flush()
-                for lo in range(0, arr.shape[0], BLOCK_VALUES):
-                    h.update(np.ascontiguousarray(arr[lo:lo + BLOCK_VALUES]).tobytes())
-            del indptr, indices, values
+                indptr.write(indices.done + np.asarray(block.indptr[1:], dtype=np.int64))
+                indices.write(block.indices)
+                values.write(quantize_counts(block.data, dtype=np.uint16))
+            digests = [w.close() for w in (indptr, indices, values)]
             meta = {"format": FORMAT, "n_cells": int(n_cells), "n_genes": int(n_genes), "nnz": nnz,
-                    "index_dtype": _index_dtype(n_genes).name, "sha256": h.hexdigest(),
+                    "index_dtype": _index_dtype(n_genes).name, "sha256": _combined(digests),
                     "obs_names_sha256": names_sha256(obs_names), "genes": genes,
                     "processed": os.path.abspath(processed)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

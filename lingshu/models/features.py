@@ -25,16 +25,27 @@ from lingshu.errors import input_error
 SOURCE_COL = "source"
 
 
-def gene_embedding(train_log, n_components: int, seed: int, max_cells: int = 5000) -> np.ndarray:
+EMBEDDING_CELLS = 5000  # training cells the gene embedding's PCA sees at most
+
+
+def embedding_rows(n_cells: int, seed: int, max_cells: int = EMBEDDING_CELLS) -> np.ndarray:
+    """The sorted seeded subsample of ``n_cells`` training cells that the gene embedding uses.
+
+    A caller holding the counts on disk reads only these rows; the embedding of the subsample
+    is the embedding of all the cells (a subsample of at most ``max_cells`` keeps every row).
+    """
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_cells, size=min(max_cells, n_cells), replace=False))
+
+
+def gene_embedding(train_log, n_components: int, seed: int,
+                   max_cells: int = EMBEDDING_CELLS) -> np.ndarray:
     """Return (n_genes, n_components) gene loadings on the top PCs of the training cells.
 
     train_log: (n_cells, n_genes) log1p(CP10k), sparse or dense. At most ``max_cells`` cells
-    (a seeded subsample) are densified, so memory stays bounded on large datasets.
+    (a seeded subsample, :func:`embedding_rows`) are densified, so memory stays bounded.
     """
-    rng = np.random.default_rng(seed)
-    n_cells = train_log.shape[0]
-    rows = np.sort(rng.choice(n_cells, size=min(max_cells, n_cells), replace=False))
-    x = train_log[rows]
+    x = train_log[embedding_rows(train_log.shape[0], seed, max_cells)]
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
     k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
     pca = PCA(n_components=k, svd_solver="randomized", random_state=seed)
