@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 
+from lingshu.constants import PERT_COL
 from lingshu.errors import InputError
 
 log = logging.getLogger("lingshu")
@@ -74,6 +75,24 @@ def cmd_tokenize(args) -> None:
     meta = write_tokens(args.processed, args.out, progress=True)
     log.info("tokenised %d cells x %d genes (%d nonzero tokens)", meta["n_cells"], meta["n_genes"],
              meta["nnz"])
+
+
+def cmd_prior(args) -> None:
+    import anndata as ad
+
+    from lingshu.data.preprocess import _open_h5
+    from lingshu.data.prior import write_prior
+    from lingshu.stages import external_prior
+
+    _open_h5(args.external).close()  # a clear error for a missing or unreadable file
+    external = ad.read_h5ad(args.external, backed="r")
+    processed = ad.read_h5ad(args.processed, backed="r")
+    table = external_prior(external, processed, _json(args.spec), _json(args.entry),
+                           path=args.external)
+    write_prior(table, args.out)
+    n = table.groupby("perturbation").size()
+    log.info("prior: %d genes for %d perturbations (median %.0f per perturbation)",
+             len(table), len(n), float(n.median()) if len(n) else 0.0)
 
 
 def cmd_features(args) -> None:
@@ -156,7 +175,14 @@ def cmd_predict(args) -> None:
     model = load_model(args.model_file)
     model.threads = max(1, int(args.threads))
     _limit_threads(args.threads)
-    pred = predict_conditions(model, adata, split, truth, seed=args.seed)
+    prior = None
+    if args.prior:
+        from lingshu.data.prior import read_prior
+        from lingshu.stages import prior_of_labels
+
+        prior = prior_of_labels(read_prior(args.prior), split.test_conditions()[PERT_COL].unique(),
+                                _json(args.entry))
+    pred = predict_conditions(model, adata, split, truth, seed=args.seed, prior=prior)
     write_h5ad(pred, args.out)
     write_features_used(read_features(args.features), split.test_conditions(),
                         args.features_used)
@@ -300,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--features-used", required=True)
+    p.add_argument("--prior", help="prior gene table of the prior command (prior injection)")
+    p.add_argument("--entry", default="{}", help="JSON of the dataset entry")
+
+    p = add("prior", cmd_prior, "prior genes of each perturbation from external data")
+    p.add_argument("--external", required=True, help="external raw-count h5ad")
+    p.add_argument("--processed", required=True)
+    p.add_argument("--spec", required=True, help="JSON of the entry's prior block")
+    p.add_argument("--entry", required=True, help="JSON of the dataset entry")
+    p.add_argument("--out", required=True)
 
     p = add("generate", cmd_generate, "generate cells unconditionally (generative models)")
     add_data_args(p)

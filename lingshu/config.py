@@ -89,6 +89,14 @@ def _check_cross_fields(config: dict, source: str) -> None:
         if extra:
             raise InputError(f"{source}: datasets.{name}.model_params: {sorted(extra)} are not "
                              f"configured under models. Fix: add them to `models` or remove them")
+        lingshu = {**(config["models"].get("lingshu") or {}),
+                   **((entry.get("model_params") or {}).get("lingshu") or {})}
+        if "lingshu" in entry.get("models", models) and lingshu.get("prior_injection") \
+                and not entry.get("prior"):
+            raise InputError(f"{source}: datasets.{name}: the lingshu block sets prior_injection "
+                             f"but the dataset has no `prior` (external data to take prior genes "
+                             f"from). Fix: add a `prior` block to the dataset, or set "
+                             f"`prior_injection: false` for it under model_params.lingshu")
         split = entry["split"]
         if split["kind"] == "heldout_perturbations" and not (
             split.get("test_perturbations") or split.get("n_test_perturbations")

@@ -103,6 +103,50 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
                         tokens=None if tokens is None else tokens.subset(train))
 
 
+def external_prior(external: ad.AnnData, adata: ad.AnnData, spec: dict, entry: dict,
+                   path: str) -> pd.DataFrame:
+    """The prior table of the dataset's perturbations from external data (SPEC 1.4).
+
+    external: raw counts (maybe backed); only its control cells and the cells of the
+    dataset's targets are read. spec: the entry's ``prior`` block. Genes outside the dataset's
+    panel are dropped.
+    """
+    from lingshu.data.prior import prior_genes
+
+    cols = spec["columns"]
+    sep = entry.get("combo_separator", "+")
+    labels = set(adata.obs[PERT_COL].astype(str))
+    targets = {t for label in labels for t in label.split(sep)} | labels
+    if cols["perturbation"] not in external.obs:
+        from lingshu.errors import input_error
+
+        raise input_error(path, "prior.columns.perturbation",
+                          f"obs column {cols['perturbation']!r} is not in the external data; "
+                          f"obs columns: {', '.join(map(str, external.obs.columns[:8]))}",
+                          "set prior.columns.perturbation to the column of the target labels")
+    ext = external.obs[cols["perturbation"]].astype(str).to_numpy()
+    rows = np.flatnonzero(np.isin(ext, list(targets)) | (ext == str(cols["control"])))
+    subset = external[rows]
+    subset = subset.to_memory() if subset.isbacked else subset.copy()
+    if spec.get("layer"):
+        subset.X = subset.layers[spec["layer"]]
+    log.info("prior: %d external cells of %d (controls and the dataset's %d perturbations)",
+             rows.size, external.n_obs, len(labels))
+    return prior_genes(subset, cols["perturbation"], cols["control"],
+                       context_col=cols.get("context"), genes=list(map(str, adata.var_names)),
+                       fdr=spec["fdr"], min_abs_log2fc=spec["min_abs_log2fc"],
+                       min_control_mean=spec["min_control_mean"],
+                       max_perturbed_mean=spec["max_perturbed_mean"], combo_separator=sep,
+                       path=path)
+
+
+def prior_of_labels(table: pd.DataFrame, labels, entry: dict) -> dict[str, list[str]]:
+    """perturbation label -> its prior genes, from a prior table (combinations: the union)."""
+    from lingshu.data.prior import prior_table_for, targets_of_labels
+
+    return prior_table_for(targets_of_labels(labels, entry.get("combo_separator", "+")), table)
+
+
 def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:
     """The evaluation truth: held-out cells plus the test contexts' control input cells.
 
@@ -127,11 +171,14 @@ def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:
 
 
 def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split,
-                       truth: ad.AnnData, seed: int, progress: bool = True) -> ad.AnnData:
+                       truth: ad.AnnData, seed: int, progress: bool = True,
+                       prior: dict[str, list[str]] | None = None) -> ad.AnnData:
     """Predict every test condition and append the truth's real control cells.
 
     Each condition gets as many cells as the truth holds for it; the model sees that context's
-    control input cells (raw counts). Returns an AnnData in the truth's gene order.
+    control input cells (raw counts) and, with a ``prior`` (perturbation -> genes, see
+    :func:`prior_of_labels`), the perturbation's prior genes. Returns an AnnData in the
+    truth's gene order.
     """
     ctrl_rows = _rows(adata, split, SPLIT_CONTROL_INPUT)
     ctrl_context = split.cells[CONTEXT_COL].to_numpy()[ctrl_rows]
@@ -144,7 +191,8 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
         ctx, pert, n = getattr(row, CONTEXT_COL), getattr(row, PERT_COL), int(row.n_cells)
         if ctx not in controls_of:
             controls_of[ctx] = _counts(adata, ctrl_rows[ctrl_context == ctx])
-        inputs.append(ConditionInput(ctx, pert, controls_of[ctx], n))
+        inputs.append(ConditionInput(ctx, pert, controls_of[ctx], n,
+                                     prior_genes=tuple((prior or {}).get(pert, ()))))
     outputs = iter(model.predict_many(inputs, rng, progress=progress))
     for cond in inputs:
         x = next(outputs, None)

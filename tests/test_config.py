@@ -60,6 +60,11 @@ def _break(mutate):
      "datasets.sim_genetic.split.reference_fraction", "maximum"),
     (lambda c: c["datasets"]["sim_genetic"]["split"].pop("n_test_perturbations"),
      "datasets.sim_genetic.split", "test_perturbations"),
+    (lambda c: c["models"]["lingshu"].update(prior_injection=True),
+     "datasets.sim_genetic", "prior_injection"),
+    (lambda c: c["datasets"]["sim_genetic"].update(prior={"source": {"path": "x.h5ad"},
+                                                          "columns": {}}),
+     "datasets.sim_genetic.prior.columns", "perturbation"),
     (lambda c: c["datasets"]["sim_stimulation"]["columns"].update(context=None),
      "datasets.sim_stimulation.columns.context", "context column"),
 ])

@@ -101,3 +101,34 @@ def test_unconditional_generation_from_the_pretrained_model(fitted):
         generate_cells(model, adata.var_names.to_numpy()[::-1], 10, seed=2, progress=False)
     with pytest.raises(ValueError, match="not a Lingshu-Cell pre-training checkpoint"):
         load_generator("lingshu", params, str(work / "finetune_state.pt"))
+
+
+def test_prior_injection_fixes_the_prior_genes(fitted, monkeypatch):
+    """With prior_injection, a condition's prior genes start at count 1 and stay there."""
+    from lingshu.models import lingshu_cell
+    from lingshu.models.base import ConditionInput
+
+    adata, _, model, _ = fitted
+    seen = []
+    real = lingshu_cell.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lingshu_cell, "sample", spy)
+    ctrl = adata[(adata.obs["perturbation"] == "control").to_numpy()].X[:5]
+    cond = ConditionInput("A", "G2", ctrl, 40, prior_genes=("G2", "G7", "NOT_IN_PANEL"))
+    plain = model.predict(cond, np.random.default_rng(0))
+    assert "fixed_mask" not in seen[-1]  # prior_injection is off by default
+    model.cfg["prior_injection"] = True
+    try:
+        x = model.predict(cond, np.random.default_rng(0))
+    finally:
+        model.cfg["prior_injection"] = False
+    mask = seen[-1]["fixed_mask"]
+    assert mask.sum() == 2 and bool(mask[2]) and bool(mask[7])
+    assert (seen[-1]["fixed_tokens"][mask] == 1).all()
+    # count 1 in every cell: nonzero, and the same CP10k share as any other gene at count 1
+    assert (x[:, [2, 7]] > 0).all() and np.allclose(x[:, 2], x[:, 7])
+    assert not np.allclose(plain[:, 7], x[:, 7])

@@ -91,3 +91,25 @@ def test_a_multi_gpu_model_block_launches_torchrun(tmp_path):
     assert lingshu and all("torchrun --standalone --nproc_per_node=4 -m lingshu" in x
                            for x in lingshu)
     assert scldm and all("python -m lingshu fit" in x and "torchrun" not in x for x in scldm)
+
+
+def test_prior_injection_adds_the_prior_rules(tmp_path):
+    """A dataset with a prior and Lingshu-Cell's prior_injection: fetch_prior -> prior ->
+    predict_lingshu --prior; the other models and datasets are untouched."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["datasets"]["sim_genetic"]["prior"] = {
+        "source": {"path": str(tmp_path / "other_lines.h5ad")},
+        "columns": {"perturbation": "gene", "control": "non-targeting", "context": "line"}}
+    cfg["datasets"]["sim_genetic"]["model_params"] = {"lingshu": {"prior_injection": True}}
+    path = tmp_path / "prior.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = _snakemake("-n", "-p", "--configfile", str(path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    predicts = [x for x in lines if "lingshu predict" in x]
+    with_prior = [x for x in predicts if "--prior " in x]
+    assert len(with_prior) == 1 and "sim_genetic/prior/genes.tsv" in with_prior[0]
+    assert "--model-file " + str(tmp_path / "results/sim_genetic/models/lingshu") in with_prior[0]
+    assert any("lingshu prior --external" in x for x in lines)
+    assert any("lingshu fetch" in x and "other_lines.h5ad" in x for x in lines)

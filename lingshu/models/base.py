@@ -66,12 +66,16 @@ class ConditionInput:
     context / perturbation: the labels of the condition.
     control_counts: (n_control, n_genes) CSR raw counts of that context's real control cells.
     n_cells: how many cells to predict.
+    prior_genes: genes that the same perturbation strongly down-regulates in external data
+        (other cell lines; :mod:`lingshu.data.prior`), when the dataset has a prior; models
+        that inject priors (Lingshu-Cell with ``prior_injection``) use it, others ignore it.
     """
 
     context: str
     perturbation: str
     control_counts: sp.csr_matrix
     n_cells: int
+    prior_genes: tuple[str, ...] = ()
 
 
 class PerturbationModel(ABC):

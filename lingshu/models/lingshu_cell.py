@@ -69,10 +69,12 @@ DEFAULTS: dict[str, Any] = {
     "sample_batch": 256,
     "identity_dropout": 0.5,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
+    "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     "device": "auto",
 }
 
 PRETRAIN_FORMAT = "lingshu-cell-pretrain/1"
+PRIOR_TOKEN = 1  # the token of count 1 (quantize_counts is exact below 100)
 
 
 def pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -247,6 +249,18 @@ class LingshuCell(PerturbationModel):
                 "perturbation": torch.tensor([self._pert_index(label)], device=d),
                 "target_genes": self._target_row(label)[None].to(d)}
 
+    def _prior_injection(self, condition: ConditionInput) -> dict[str, torch.Tensor]:
+        """The sampler's fixed tokens for the condition's prior genes (SPEC 1.4): count 1 from
+        the start, never resampled. Empty without ``prior_injection`` or prior genes."""
+        if not self.cfg["prior_injection"] or not condition.prior_genes:
+            return {}
+        index = {g: i for i, g in enumerate(self.genes)}
+        genes = [index[g] for g in condition.prior_genes if g in index]
+        mask = torch.zeros(len(self.genes), dtype=torch.bool, device=self.device)
+        mask[genes] = True
+        return {"fixed_mask": mask, "fixed_tokens": torch.full(
+            (len(self.genes),), PRIOR_TOKEN, dtype=torch.long, device=self.device)}
+
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         cond = self.condition_tensors(condition.context, condition.perturbation)
         uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
@@ -258,10 +272,12 @@ class LingshuCell(PerturbationModel):
                             **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
 
         blocks = []
+        fixed = self._prior_injection(condition)
         for start in range(0, condition.n_cells, int(self.cfg["sample_batch"])):
             n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
-                         cond=cond, uncond=uncond, guidance=float(self.guidance), select=True)
+                         cond=cond, uncond=uncond, guidance=float(self.guidance), select=True,
+                         **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
 

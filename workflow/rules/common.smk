@@ -39,6 +39,22 @@ def model_env(wildcards):
     return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
 
 
+def uses_prior(model, dataset):
+    """Lingshu-Cell with prior_injection, on a dataset with a prior (config.py checks both)."""
+    return bool(model_block(model, dataset).get("prior_injection") and entry(dataset).get("prior"))
+
+
+def prior_input(wildcards):
+    """The prior gene table, for a model that injects priors."""
+    if uses_prior(wildcards.model, wildcards.dataset):
+        return [f"{R}/{wildcards.dataset}/prior/genes.tsv"]
+    return []
+
+
+def prior_flag(wildcards, input):
+    return f"--prior {input.prior}" if input.prior else ""
+
+
 def token_input(wildcards):
     """The memory-mapped count tokens, for models that train from them."""
     return [f"{R}/{wildcards.dataset}/tokens"] if wildcards.model in TOKENISED else []
@@ -95,6 +111,8 @@ def job_names(dataset):
     """Benchmark files the report's cost table reads (those that exist when it runs)."""
     names = ["preprocess", "split", "features", "truth"]
     names += ["tokenize"] if set(models_of(dataset)) & TOKENISED else []
+    if any(uses_prior(m, dataset) for m in models_of(dataset)):
+        names += ["fetch_prior", "prior"]
     for m in models_of(dataset):
         names += [f"pretrain_{m}"] if m in PRETRAINING else []
         names += [f"fit_{m}", f"predict_{m}", f"evaluate_{m}"]

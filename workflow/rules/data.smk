@@ -59,3 +59,48 @@ rule preprocess:
     shell:
         "python -m lingshu preprocess --raw {input} --entry {params.entry:q} "
         "--dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+
+
+# Prior injection (SPEC 1.4): external data of the same targets -> each perturbation's prior genes.
+
+
+rule fetch_prior:
+    output:
+        f"{R}/{{dataset}}/prior/source.h5ad",
+    params:
+        source=lambda w: json.dumps(entry(w.dataset)["prior"]["source"], sort_keys=True),
+    log:
+        f"{R}/{{dataset}}/logs/fetch_prior.log",
+    benchmark:
+        f"{R}/{{dataset}}/benchmarks/fetch_prior.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    retries: 1
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m lingshu fetch --source {params.source:q} --out {output} > {log} 2>&1"
+
+
+rule prior:
+    input:
+        external=f"{R}/{{dataset}}/prior/source.h5ad",
+        processed=f"{R}/{{dataset}}/processed.h5ad",
+    output:
+        f"{R}/{{dataset}}/prior/genes.tsv",
+    params:
+        spec=lambda w: json.dumps(entry(w.dataset)["prior"], sort_keys=True),
+        entry=lambda w: entry_json(w.dataset),
+    log:
+        f"{R}/{{dataset}}/logs/prior.log",
+    benchmark:
+        f"{R}/{{dataset}}/benchmarks/prior.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m lingshu prior --external {input.external} --processed {input.processed} "
+        "--spec {params.spec:q} --entry {params.entry:q} --out {output} > {log} 2>&1"

@@ -102,11 +102,14 @@ rule predict:
         truth=f"{R}/{{dataset}}/truth.h5ad",
         features=f"{R}/{{dataset}}/features.tsv",
         model=f"{R}/{{dataset}}/models/{{model}}/model.npz",
+        prior=prior_input,
     output:
         pred=f"{R}/{{dataset}}/predictions/{{model}}.h5ad",
         features_used=f"{R}/{{dataset}}/predictions/{{model}}.features.tsv",
     params:
         seed=config["seed"],
+        prior=prior_flag,
+        entry=lambda w: entry_json(w.dataset),
     log:
         f"{R}/{{dataset}}/logs/predict_{{model}}.log",
     benchmark:
@@ -121,5 +124,5 @@ rule predict:
         "python -m lingshu predict --processed {input.processed} --cells {input.cells} "
         "--conditions {input.conditions} --truth {input.truth} --model-file {input.model} "
         "--features {input.features} --seed {params.seed} --threads {threads} "
-        "--out {output.pred} "
+        "--out {output.pred} {params.prior} --entry {params.entry:q} "
         "--features-used {output.features_used} > {log} 2>&1"
