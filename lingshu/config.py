@@ -98,11 +98,17 @@ def _check_cross_fields(config: dict, source: str) -> None:
                              f"from). Fix: add a `prior` block to the dataset, or set "
                              f"`prior_injection: false` for it under model_params.lingshu")
         split = entry["split"]
+        listed = split.get("test_perturbations") or split.get("test_perturbations_file")
         if split["kind"] == "heldout_perturbations" and not (
-            split.get("test_perturbations") or split.get("n_test_perturbations")
+            listed or split.get("n_test_perturbations")
         ):
             raise InputError(f"{source}: datasets.{name}.split: heldout_perturbations needs "
-                             f"test perturbations. Fix: set test_perturbations or n_test_perturbations")
+                             f"test perturbations. Fix: set test_perturbations, "
+                             f"test_perturbations_file or n_test_perturbations")
+        if listed and split.get("n_test_perturbations"):
+            raise InputError(f"{source}: datasets.{name}.split.n_test_perturbations: given "
+                             f"together with an explicit list of test perturbations. Fix: "
+                             f"either list them or have n_test_perturbations drawn, not both")
         per_context = split.get("test_contexts") or split.get("n_test_contexts")
         if split["kind"] == "heldout_combinations" and not (
             split.get("test_combinations") or split.get("n_test_combinations") or per_context

@@ -1,12 +1,17 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_processed
 
 from lingshu.constants import SPLIT_CONTROL_INPUT, SPLIT_REFERENCE, SPLIT_TEST, SPLIT_TRAIN
-from lingshu.data.split import check_no_leakage, make_split, read_split, write_split
+from lingshu.data.split import (
+    check_no_leakage,
+    make_split,
+    read_perturbation_list,
+    read_split,
+    write_split,
+)
 from lingshu.errors import InputError
-
-from conftest import make_processed
 
 
 def test_heldout_perturbations_never_reach_training(tiny_processed):
@@ -150,3 +155,164 @@ def test_split_without_reference_column_reads_as_no_reference(tmp_path, tiny_pro
     old.to_csv(tmp_path / "cells.tsv", sep="\t", index=False)
     assert not read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")\
         .cells[SPLIT_REFERENCE].any()
+
+
+# Explicit, file-given splits (the Virtual Cell Challenge's official 150/50/100 targets).
+
+def _roles(cells):
+    return cells[[SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT, SPLIT_REFERENCE]]
+
+
+def test_test_perturbations_from_a_plain_file(tmp_path, tiny_processed):
+    listed = tmp_path / "test.txt"
+    listed.write_text("# held out\nG3\n\nG1\nG3\n")
+    by_file = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                              "test_perturbations_file": str(listed)}, seed=0)
+    by_list = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                              "test_perturbations": ["G1", "G3"]}, seed=0)
+    pd.testing.assert_frame_equal(by_file.cells, by_list.cells)
+    assert set(by_file.test_conditions()["perturbation"]) == {"G1", "G3"}
+
+
+def test_list_and_file_are_joined(tmp_path, tiny_processed):
+    listed = tmp_path / "test.txt"
+    listed.write_text("G1\n")
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G2"],
+                                            "test_perturbations_file": str(listed)}, seed=0)
+    assert set(split.test_conditions()["perturbation"]) == {"G1", "G2"}
+
+
+@pytest.mark.parametrize("text", [
+    "target_gene,n_cells,median_umi_per_cell\nG2,30,5000\nG4,30,5100\n",  # VCC pert_counts
+    "n_cells,perturbation\n30,G2\n30,G4\n",
+    "gene\tn\nG2\t1\nG4\t2\n",  # first column of a TSV
+    "target_gene\nG2\nG4\n",
+    '"G2"\n"G4"\n',
+])
+def test_perturbation_list_files_plain_and_csv(tmp_path, text):
+    path = tmp_path / "targets.csv"
+    path.write_text(text)
+    assert read_perturbation_list(path) == ["G2", "G4"]
+
+
+def test_relative_list_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch,
+                                                                   tiny_processed):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.csv").write_text("target_gene,n_cells\nG4,30\n")
+    monkeypatch.chdir(tmp_path)
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations_file": "data/test.csv"}, seed=0)
+    assert set(split.test_conditions()["perturbation"]) == {"G4"}
+
+
+def test_excluded_perturbations_have_no_role(tmp_path, tiny_processed):
+    excluded = tmp_path / "validation.csv"
+    excluded.write_text("target_gene,n_cells\nG2,30\n")
+    spec = {"kind": "heldout_perturbations", "test_perturbations": ["G1"],
+            "exclude_perturbations_file": str(excluded), "reference_fraction": 0.3}
+    split = make_split(tiny_processed.obs, spec, seed=2)
+    cells = split.cells
+    g2 = cells["perturbation"] == "G2"
+    assert g2.sum() == 60 and not _roles(cells)[g2].any().any()
+    assert not (cells[SPLIT_TRAIN] & g2).any()
+    assert set(cells.loc[cells[SPLIT_TRAIN], "perturbation"]) == {"control", "G3", "G4"}
+    assert set(split.test_conditions()["perturbation"]) == {"G1"}
+    roles = split.conditions.set_index(["context", "perturbation"])["role"]
+    assert roles[("A", "G2")] == roles[("B", "G2")] == "excluded"
+    assert roles[("A", "G3")] == "train" and roles[("A", "G1")] == "test"
+    # the list key does the same; the split is deterministic from the seed
+    same = make_split(tiny_processed.obs, {**{k: v for k, v in spec.items()
+                                              if k != "exclude_perturbations_file"},
+                                           "exclude_perturbations": ["G2"]}, seed=2)
+    pd.testing.assert_frame_equal(same.cells, cells)
+    # a seeded draw never picks an excluded perturbation
+    drawn = {"kind": "heldout_perturbations", "n_test_perturbations": 2,
+             "exclude_perturbations": ["G2"]}
+    for seed in range(6):
+        test = set(make_split(tiny_processed.obs, drawn, seed=seed)
+                   .test_conditions()["perturbation"])
+        assert len(test) == 2 and "G2" not in test
+    pd.testing.assert_frame_equal(make_split(tiny_processed.obs, drawn, seed=1).cells,
+                                  make_split(tiny_processed.obs, drawn, seed=1).cells)
+
+
+def test_excluded_cells_round_trip_and_reach_no_stage(tmp_path, tiny_processed):
+    from lingshu.stages import build_truth, training_data
+
+    split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations": ["G1"],
+                                            "exclude_perturbations": ["G2"]}, seed=0)
+    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    back = read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    pd.testing.assert_frame_equal(back.cells, split.cells, check_dtype=False)
+    check_no_leakage(back.cells, "heldout_perturbations", ["G2"])
+    assert "G2" not in set(training_data(tiny_processed, back, None, seed=0).obs["perturbation"])
+    assert "G2" not in set(build_truth(tiny_processed, back).obs["perturbation"])
+    cells = back.cells.copy()
+    cells.loc[cells.index[(cells["perturbation"] == "G2").to_numpy()][0], SPLIT_TRAIN] = True
+    with pytest.raises(InputError, match="excluded"):
+        check_no_leakage(cells, "heldout_perturbations", ["G2"])
+
+
+@pytest.mark.parametrize("spec, field, words", [
+    ({"test_perturbations": ["G1", "NOPE", "ALSO"]}, "split.test_perturbations",
+     ["'NOPE'", "'ALSO'", "2 of 3"]),
+    ({"test_perturbations": ["G1"], "exclude_perturbations": ["ZZ"]},
+     "split.exclude_perturbations", ["'ZZ'", "remove the key"]),
+    ({"test_perturbations": ["G1", "G2"], "exclude_perturbations": ["G2"]},
+     "split.test_perturbations", ["both test and excluded", "G2"]),
+    ({"test_perturbations": ["G1", "control"]}, "split.test_perturbations", ["control"]),
+    ({"test_perturbations": ["G1"], "exclude_perturbations": ["control"]},
+     "split.exclude_perturbations", ["control"]),
+    ({"test_perturbations": ["G1"], "n_test_perturbations": 1}, "split.n_test_perturbations",
+     ["not both"]),
+    ({"n_test_perturbations": 3, "exclude_perturbations": ["G2"]}, "split.n_test_perturbations",
+     ["excluded"]),
+    ({"test_perturbations": ["G1", "G3"], "exclude_perturbations": ["G2", "G4"]},
+     "split.test_perturbations", ["every perturbation"]),
+])
+def test_bad_explicit_lists_are_clear(tiny_processed, spec, field, words):
+    spec = {"kind": "heldout_perturbations", **spec}
+    with pytest.raises(InputError) as info:
+        make_split(tiny_processed.obs, spec, seed=0, where="cfg.yaml: datasets.tiny")
+    message = str(info.value)
+    assert message.startswith(f"cfg.yaml: datasets.tiny: {field}") and "Fix:" in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_bad_list_files_name_the_file(tmp_path, tiny_processed):
+    where = "cfg.yaml: datasets.tiny"
+    many = tmp_path / "many.csv"
+    many.write_text("target_gene\n" + "".join(f"X{i}\n" for i in range(12)) + "G1\n")
+    with pytest.raises(InputError) as info:
+        make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                        "test_perturbations_file": str(many)}, 0, where)
+    message = str(info.value)
+    assert str(many) in message and "split.test_perturbations_file" in message
+    assert "12 of 13" in message and "'X7'" in message and "'X8'" not in message
+    assert "and 4 more" in message and "Fix:" in message
+    control = tmp_path / "control.txt"
+    control.write_text("G1\ncontrol\n")
+    with pytest.raises(InputError, match="control label") as info:
+        make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                        "test_perturbations": ["G3"],
+                                        "exclude_perturbations_file": str(control)}, 0, where)
+    assert str(control) in str(info.value)
+    for path, text in [("absent.csv", None), ("empty.csv", "# nothing\n\n"),
+                       ("header.csv", "target_gene,n_cells\n")]:
+        if text is not None:
+            (tmp_path / path).write_text(text)
+        with pytest.raises(InputError) as info:
+            make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
+                                            "test_perturbations_file": str(tmp_path / path)},
+                       0, where)
+        assert str(tmp_path / path) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_list_keys_belong_to_heldout_perturbations(tiny_processed):
+    with pytest.raises(InputError, match="split.exclude_perturbations"):
+        make_split(tiny_processed.obs, {"kind": "heldout_combinations",
+                                        "n_test_combinations": 1,
+                                        "exclude_perturbations": ["G1"]}, seed=0)

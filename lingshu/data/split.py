@@ -4,7 +4,11 @@ Two protocols (SPEC 2.3):
 
 - ``heldout_perturbations`` (genetic): the test perturbations are never seen in training, in
   any context. A fraction of each context's control cells is kept out of training and handed
-  to the models as the prediction input (the real controls of the evaluation).
+  to the models as the prediction input (the real controls of the evaluation). The test
+  perturbations are listed (``test_perturbations`` and/or ``test_perturbations_file``, e.g. the
+  Virtual Cell Challenge's official 100 test targets) or drawn; perturbations named in
+  ``exclude_perturbations`` / ``exclude_perturbations_file`` (e.g. the challenge's 50 validation
+  targets) are neither trained on nor tested: their cells have no role at all.
 - ``heldout_combinations`` (stimulation): chosen context x perturbation pairs are held out
   while the perturbation is seen in other contexts and the context's control cells are seen
   in training; by default those same control cells are the prediction input. The pairs are
@@ -16,12 +20,15 @@ conditions (at most ``max_reference_cells``) out of all training: the real cells
 generated cells are compared with (SPEC 2.2).
 
 The split is written as two tables: ``cells.tsv`` (one row per cell, four boolean roles) and
-``conditions.tsv`` (one row per context x perturbation with its role and cell count).
+``conditions.tsv`` (one row per context x perturbation with its role and cell count; an
+excluded perturbation's conditions have the role ``excluded``).
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,7 +51,8 @@ class Split:
 
     cells: indexed by obs_name; columns context, perturbation, in_train, in_test, in_control_input,
         in_reference.
-    conditions: one row per (context, perturbation): n_cells, role in {train, test, control}.
+    conditions: one row per (context, perturbation): n_cells, role in {train, test, control,
+        excluded}.
     """
 
     cells: pd.DataFrame
@@ -68,11 +76,18 @@ def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") 
     perts = obs[PERT_COL].astype(str)
     contexts = obs[CONTEXT_COL].astype(str)
     is_control = (perts == CONTROL).to_numpy()
+    excluded: list[str] = []
 
     if kind == "heldout_perturbations":
-        test_mask = _heldout_perturbation_mask(perts, spec, rng, where)
+        excluded = _excluded_perturbations(perts, spec, where)
+        test_mask = _heldout_perturbation_mask(perts, spec, rng, where, excluded)
         default_frac = 0.5
     elif kind == "heldout_combinations":
+        given = [k for k in _PERTURBATION_LIST_KEYS if k != "test_perturbations" and spec.get(k)]
+        if given:
+            raise input_error(where, f"split.{given[0]}",
+                              "only the heldout_perturbations protocol takes this key",
+                              "use kind: heldout_perturbations, or remove the key")
         test_mask = _heldout_combination_mask(perts, contexts, spec, rng, where)
         default_frac = 0.0
     else:
@@ -98,7 +113,8 @@ def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") 
             in_control_input[idx] = True
 
     in_test = test_mask
-    in_train = ~in_test & ~held_controls
+    in_excluded = perts.isin(excluded).to_numpy()
+    in_train = ~in_test & ~held_controls & ~in_excluded
     in_reference = _reference_mask(in_train & ~in_control_input, spec, rng, where)
     in_train &= ~in_reference
     cells = pd.DataFrame(
@@ -112,8 +128,8 @@ def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") 
         },
         index=pd.Index(obs.index.astype(str), name="cell"),
     )
-    conditions = _condition_table(cells)
-    check_no_leakage(cells, kind)
+    conditions = _condition_table(cells, excluded)
+    check_no_leakage(cells, kind, excluded)
     return Split(cells=cells, conditions=conditions)
 
 
@@ -137,28 +153,131 @@ def _reference_mask(eligible: np.ndarray, spec: dict, rng, where: str) -> np.nda
     return mask
 
 
-def _heldout_perturbation_mask(perts: pd.Series, spec: dict, rng, where: str) -> np.ndarray:
-    available = sorted(set(perts) - {CONTROL})
-    if spec.get("test_perturbations"):
-        test = list(dict.fromkeys(spec["test_perturbations"]))
-        unknown = [p for p in test if p not in available]
-        if unknown:
-            raise input_error(where, "split.test_perturbations",
-                              f"{unknown} not among the dataset's perturbations "
-                              f"({len(available)} present, e.g. {available[:8]})",
-                              "list perturbation labels exactly as they appear in the data")
+_PERTURBATION_LIST_KEYS = ("test_perturbations", "test_perturbations_file",
+                           "exclude_perturbations", "exclude_perturbations_file")
+# Columns of a CSV/TSV perturbation list that hold the labels, in order of preference (the
+# Virtual Cell Challenge's pert_counts_*.csv files have ``target_gene``).
+LABEL_COLUMNS = ("target_gene", "perturbation")
+MAX_LISTED = 8  # missing labels an error message names
+
+
+def read_perturbation_list(path: str | Path, where: str = "config",
+                           field: str = "split.test_perturbations_file") -> list[str]:
+    """The perturbation labels of a list file, in file order, without duplicates.
+
+    Either one label per line (blank lines and ``#`` comments skipped), or a CSV/TSV table with
+    a header whose ``target_gene`` or ``perturbation`` column (else its first column) holds the
+    labels. A first line with a comma or tab, or one that is exactly a known column name, is
+    read as a header. A relative path is relative to the working directory.
+    """
+    file = Path(path)
+    named = f"{where}: {field} ({path})"
+    if not file.is_file():
+        raise input_error(named, "file", f"not found (looked in {file.resolve().parent})",
+                          "place the file there, or give its path (relative paths are "
+                          "relative to the directory Snakemake runs in)")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise input_error(named, "file", "holds no perturbation labels",
+                          "list one label per line, or a CSV with a target_gene column")
+    first = lines[0]
+    delimiter = "\t" if "\t" in first else ","
+    header = next(csv.reader([first], delimiter=delimiter))
+    if len(header) > 1 or header[0].strip() in LABEL_COLUMNS:
+        columns = [c.strip() for c in header]
+        column = next((c for c in LABEL_COLUMNS if c in columns), columns[0])
+        at = columns.index(column)
+        labels = [row[at].strip() if at < len(row) else ""
+                  for row in csv.reader(lines[1:], delimiter=delimiter)]
+        if not all(labels):
+            raise input_error(named, column, "some rows have no label in this column",
+                              "fill every row's label, or remove the empty rows")
+    else:
+        labels = [line.strip().strip('"').strip("'") for line in lines]
+    if not labels:
+        raise input_error(named, "file", "has a header but no labels",
+                          "list the perturbations below the header")
+    return list(dict.fromkeys(labels))
+
+
+def _listed_perturbations(perts: pd.Series, spec: dict, key: str, where: str) -> list[str]:
+    """The labels under ``key`` (a list) and ``key + '_file'`` (a file), checked against the
+    data: every label must be a perturbation present in it, and none the control."""
+    present = set(perts) - {CONTROL}
+    labels: list[str] = []
+    for field in (key, f"{key}_file"):
+        value = spec.get(field)
+        if not value:
+            continue
+        if field == key:
+            listed, named = [str(p) for p in value], f"split.{field}"
+            fix_source = "the list"
+        else:
+            listed = read_perturbation_list(value, where, f"split.{field}")
+            named, fix_source = f"split.{field} ({value})", f"the file {value}"
+        if CONTROL in listed:
+            raise input_error(where, named, f"names the control label {CONTROL!r}",
+                              f"remove the control label from {fix_source}: control cells "
+                              "are never held out or excluded")
+        missing = [p for p in listed if p not in present]
+        if missing:
+            shown = ", ".join(map(repr, missing[:MAX_LISTED]))
+            more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+            example = sorted(present)[:MAX_LISTED]
+            data_hint = ("; the data holds no cells of them (e.g. the Virtual Cell Challenge's "
+                         "adata_Training.h5ad holds the training targets only)"
+                         if key == "test_perturbations" else "")
+            extra = (", or remove the key if the data holds none of these cells"
+                     if key == "exclude_perturbations" else "")
+            raise input_error(where, named,
+                              f"{len(missing)} of {len(listed)} labels are not among the "
+                              f"dataset's {len(present)} perturbations: {shown}{more} "
+                              f"(present e.g. {example}){data_hint}",
+                              "use labels exactly as in the data's perturbation column, and a "
+                              f"source file that holds cells of every listed perturbation{extra}")
+        labels += listed
+    return sorted(set(labels))
+
+
+def _excluded_perturbations(perts: pd.Series, spec: dict, where: str) -> list[str]:
+    return _listed_perturbations(perts, spec, "exclude_perturbations", where)
+
+
+def _heldout_perturbation_mask(perts: pd.Series, spec: dict, rng, where: str,
+                               excluded: list[str] | None = None) -> np.ndarray:
+    excluded = excluded or []
+    available = sorted(set(perts) - {CONTROL} - set(excluded))
+    explicit = [k for k in ("test_perturbations", "test_perturbations_file") if spec.get(k)]
+    if explicit and spec.get("n_test_perturbations"):
+        raise input_error(where, "split.n_test_perturbations",
+                          f"given together with split.{explicit[0]}",
+                          "either list the test perturbations or have n_test_perturbations "
+                          "drawn, not both")
+    if explicit:
+        test = _listed_perturbations(perts, spec, "test_perturbations", where)
+        both = sorted(set(test) & set(excluded))
+        if both:
+            raise input_error(where, f"split.{explicit[0]}",
+                              f"{len(both)} perturbations are both test and excluded: "
+                              f"{both[:MAX_LISTED]}",
+                              "a perturbation is either held out for testing or excluded; "
+                              "remove it from one of the lists")
     elif spec.get("n_test_perturbations"):
         n = int(spec["n_test_perturbations"])
         if n >= len(available):
             raise input_error(where, "split.n_test_perturbations",
-                              f"{n} requested but only {len(available)} perturbations exist",
+                              f"{n} requested but only {len(available)} perturbations exist"
+                              + (" besides the excluded ones" if excluded else ""),
                               "hold out fewer perturbations so that some remain for training")
         test = sorted(rng.choice(available, size=n, replace=False).tolist())
     else:
         raise input_error(where, "split", "no test perturbations given",
-                          "set split.test_perturbations (a list) or split.n_test_perturbations")
+                          "set split.test_perturbations (a list), split.test_perturbations_file "
+                          "or split.n_test_perturbations")
     if len(test) >= len(available):
-        raise input_error(where, "split.test_perturbations", "every perturbation is held out",
+        raise input_error(where, "split.test_perturbations", "every perturbation is held out"
+                          + (" or excluded" if excluded else ""),
                           "keep at least one perturbation for training")
     return perts.isin(test).to_numpy()
 
@@ -254,26 +373,31 @@ def _every_pert_still_seen(combos, present) -> bool:
     return True
 
 
-def _condition_table(cells: pd.DataFrame) -> pd.DataFrame:
+def _condition_table(cells: pd.DataFrame, excluded=()) -> pd.DataFrame:
     grouped = cells.groupby([CONTEXT_COL, PERT_COL], sort=True)
     table = grouped.agg(n_cells=(SPLIT_TRAIN, "size"), n_train=(SPLIT_TRAIN, "sum"),
                         n_test=(SPLIT_TEST, "sum"),
                         n_control_input=(SPLIT_CONTROL_INPUT, "sum")).reset_index()
     role = np.where(table[PERT_COL] == CONTROL, "control",
-                    np.where(table["n_test"] > 0, "test", "train"))
+                    np.where(table["n_test"] > 0, "test",
+                             np.where(table[PERT_COL].isin(list(excluded)), "excluded",
+                                      "train")))
     table["role"] = role
     table.loc[table["role"] == "test", "n_cells"] = table["n_test"]
     return table[[CONTEXT_COL, PERT_COL, "role", "n_cells", "n_train", "n_test",
                   "n_control_input"]]
 
 
-def check_no_leakage(cells: pd.DataFrame, kind: str) -> None:
+def check_no_leakage(cells: pd.DataFrame, kind: str, excluded=()) -> None:
     """Raise if any held-out information reaches training.
 
     - no cell is both training and truth;
     - no held-out (context, perturbation) pair has a training cell;
     - for held-out perturbations, no cell of a test perturbation trains, in any context;
-    - control input cells kept out of training stay out.
+    - control input cells kept out of training stay out;
+    - cells of ``excluded`` perturbations have no role at all.
+
+    Cells with no role (excluded perturbations) are otherwise allowed.
     """
     both = cells[SPLIT_TRAIN] & cells[SPLIT_TEST]
     if both.any():
@@ -299,6 +423,14 @@ def check_no_leakage(cells: pd.DataFrame, kind: str) -> None:
                              f"{sorted(test_perts & seen)[:5]}")
     if (cells[SPLIT_TEST] & (cells[PERT_COL] == CONTROL)).any():
         raise InputError("split error: control cells marked as test truth")
+    if len(excluded):
+        roles = [c for c in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT, SPLIT_REFERENCE)
+                 if c in cells]
+        used = cells[PERT_COL].isin(list(excluded)) & cells[roles].any(axis=1)
+        if used.any():
+            raise InputError(f"split leakage: {int(used.sum())} cells of excluded "
+                             "perturbations have a role (train, test, control input or "
+                             "reference)")
 
 
 def read_split(cells_path: str, conditions_path: str) -> Split:

@@ -1,4 +1,5 @@
 # Helpers shared by the rules: paths, per-dataset model lists, JSON of config entries.
+import hashlib
 import json
 import os
 
@@ -96,6 +97,19 @@ def raw_input(wildcards):
     if "simulate" in entry(wildcards.dataset)["source"]:
         return f"{R}/{wildcards.dataset}/raw/simulated.h5ad"
     return f"{R}/{wildcards.dataset}/raw/source.h5ad"
+
+
+def split_lists(dataset):
+    """A digest of the split's target-list files (or "absent"), so that editing a file's
+    contents re-runs the split; the files are not inputs, so the plan needs none of them."""
+    split = entry(dataset)["split"]
+    out = {}
+    for key in ("test_perturbations_file", "exclude_perturbations_file"):
+        if split.get(key):
+            path = split[key]
+            out[key] = hashlib.sha256(open(path, "rb").read()).hexdigest() \
+                if os.path.isfile(path) else "absent"
+    return json.dumps(out, sort_keys=True)
 
 
 def split_seed(dataset):

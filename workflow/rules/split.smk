@@ -11,6 +11,7 @@ rule split:
         spec=lambda w: json.dumps(entry(w.dataset)["split"], sort_keys=True),
         seed=lambda w: split_seed(w.dataset),
         where=lambda w: f"config: datasets.{w.dataset}",
+        lists=lambda w: split_lists(w.dataset),
     log:
         f"{R}/{{dataset}}/logs/split.log",
     benchmark:
