@@ -26,6 +26,7 @@ from lingshu.constants import (
 )
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import Split
+from lingshu.errors import input_error
 from lingshu.io import read_table, write_table
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
 from lingshu.models.features import SOURCE_COL, embedding_rows, perturbation_features
@@ -118,8 +119,6 @@ def external_prior(external: ad.AnnData, adata: ad.AnnData, spec: dict, entry: d
     labels = set(adata.obs[PERT_COL].astype(str))
     targets = {t for label in labels for t in label.split(sep)} | labels
     if cols["perturbation"] not in external.obs:
-        from lingshu.errors import input_error
-
         raise input_error(path, "prior.columns.perturbation",
                           f"obs column {cols['perturbation']!r} is not in the external data; "
                           f"obs columns: {', '.join(map(str, external.obs.columns[:8]))}",
@@ -129,7 +128,19 @@ def external_prior(external: ad.AnnData, adata: ad.AnnData, spec: dict, entry: d
     subset = external[rows]
     subset = subset.to_memory() if subset.isbacked else subset.copy()
     if spec.get("layer"):
+        if spec["layer"] not in subset.layers:
+            raise input_error(path, "prior.layer", f"layer {spec['layer']!r} is not in the file; "
+                              f"layers: {', '.join(subset.layers) or '(none)'}",
+                              "set prior.layer to the layer of raw counts, or remove it")
         subset.X = subset.layers[spec["layer"]]
+    if spec.get("gene_column"):
+        if spec["gene_column"] not in subset.var:
+            raise input_error(path, "prior.gene_column",
+                              f"var column {spec['gene_column']!r} is not in the file; var "
+                              f"columns: {', '.join(map(str, subset.var.columns[:8])) or '(none)'}",
+                              "set prior.gene_column to the var column of gene symbols, or remove it")
+        subset.var_names = ad.utils.make_index_unique(
+            pd.Index(subset.var[spec["gene_column"]].astype(str)))
     log.info("prior: %d external cells of %d (controls and the dataset's %d perturbations)",
              rows.size, external.n_obs, len(labels))
     return prior_genes(subset, cols["perturbation"], cols["control"],

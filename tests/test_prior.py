@@ -282,11 +282,13 @@ def test_prior_command_and_predict_pass_the_genes_to_the_model(tmp_path):
     external = make_processed(n_genes=30, contexts=("lineX", "lineY"), n_per=60, n_ctrl=80, seed=5)
     external.obs = external.obs.rename(columns={"perturbation": "gene", "context": "line"})
     external.obs["gene"] = external.obs["gene"].replace({"control": "non-targeting"})
+    external.var["gene_name"] = external.var_names  # symbols in a column, IDs as the index
+    external.var_names = [f"ENSG{i:05d}" for i in range(external.n_vars)]
     external.write_h5ad(tmp_path / "external.h5ad")
     adata = make_processed(n_genes=30)
     adata.write_h5ad(tmp_path / "processed.h5ad")
     spec = {"source": {"path": "unused"}, "layer": None, "fdr": 0.05, "min_abs_log2fc": 1.0,
-            "min_control_mean": 2.0, "max_perturbed_mean": 1.0,
+            "min_control_mean": 2.0, "max_perturbed_mean": 1.0, "gene_column": "gene_name",
             "columns": {"perturbation": "gene", "control": "non-targeting", "context": "line"}}
     args = ["prior", "--external", str(tmp_path / "external.h5ad"), "--processed",
             str(tmp_path / "processed.h5ad"), "--entry", json.dumps({}), "--out",
@@ -299,8 +301,9 @@ def test_prior_command_and_predict_pass_the_genes_to_the_model(tmp_path):
     assert set(prior["G1+G3"]) == set(prior["G1"]) | set(prior["G3"])
     assert (table.loc[table["reason"] == "de", "log2fc"] < -1).all()
 
-    bad = dict(spec, columns={"perturbation": "guide", "control": "non-targeting"})
-    assert main(args[:-4] + ["--spec", json.dumps(bad)] + args[-4:]) == 2
+    for bad in (dict(spec, columns={"perturbation": "guide", "control": "non-targeting"}),
+                dict(spec, gene_column="symbol"), dict(spec, gene_column=None)):
+        assert main(args[:-4] + ["--spec", json.dumps(bad)] + args[-4:]) == 2
 
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
