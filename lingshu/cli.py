@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     split_files = [("--cells", "split cell table"), ("--conditions", "split condition table")]
 
-    p = add("tokenize", cmd_tokenize, "write the memory-mapped count tokens (Lingshu-Cell)")
+    p = add("tokenize", cmd_tokenize, "write the on-disk count tokens (Lingshu-Cell)")
     p.add_argument("--processed", required=True)
     p.add_argument("--out", required=True, help="the token folder")
 

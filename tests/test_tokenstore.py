@@ -1,4 +1,4 @@
-"""The memory-mapped token store: written streaming from the processed file, read per batch."""
+"""The on-disk token store: written streaming from the processed file, read batch by batch."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def test_write_open_and_batches_match_the_counts(processed, tmp_path, monkeypatc
     assert meta["n_cells"] == adata.n_obs and meta["nnz"] == adata.X.nnz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed.h5ad", "tokens"]
     store = TokenStore.open(tmp_path / "tokens", obs_names=adata.obs_names, genes=adata.var_names)
-    assert isinstance(store.values, np.memmap) and store.values.dtype == np.uint16
-    assert store.indices.dtype == np.uint16
+    assert isinstance(store.values, tokenstore.NpyRanges)  # read per batch, never loaded
+    assert store.values.dtype == np.uint16 and store.indices.dtype == np.uint16
     expected = quantize_counts(adata.X.toarray())
     assert expected.max() > 100  # the quantised range, not only exact small counts
     idx = np.random.default_rng(0).integers(0, adata.n_obs, 200)
@@ -64,6 +64,11 @@ def test_open_refuses_other_data(processed, tmp_path):
         TokenStore.open(tmp_path / "tokens", obs_names=adata.obs_names, genes=adata.var_names[1:])
     with pytest.raises(InputError, match="meta.json"):
         TokenStore.open(tmp_path)
+    values = tmp_path / "tokens" / "values.npy"
+    values.write_bytes(values.read_bytes()[:-2])  # truncated
+    with pytest.raises(InputError, match="unreadable"):
+        TokenStore.open(tmp_path / "tokens")
+    write_tokens(path, tmp_path / "tokens")
     meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
     meta["nnz"] += 1
     (tmp_path / "tokens" / "meta.json").write_text(json.dumps(meta))

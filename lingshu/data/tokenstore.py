@@ -1,4 +1,4 @@
-"""Lingshu-Cell's on-disk training format: count tokens of every cell, memory-mapped.
+"""Lingshu-Cell's on-disk training format: count tokens of every cell, read batch by batch.
 
 The tokenise stage reads the processed counts one row block at a time and writes, beside them,
 the nonzero count tokens (SPEC 1.1) in CSR layout, with plain sequential writes:
@@ -9,9 +9,10 @@ the nonzero count tokens (SPEC 1.1) in CSR layout, with plain sequential writes:
 - ``meta.json``: format, shape, genes, a hash of the cell names and of the arrays.
 
 At 18,080 genes and ~15% detected genes a cell costs about 11 KB instead of 36 KB as dense
-uint16 tokens. Training opens the arrays with ``mmap_mode="r"`` and builds each mini-batch's
-dense (B, G) token matrix from the rows it draws (:meth:`TokenStore.dense`), so memory holds
-one batch, not the data; the operating system's page cache does the rest.
+uint16 tokens. Training reads, for each mini-batch, only the rows it draws and builds their
+dense (B, G) token matrix (:meth:`TokenStore.dense`), so memory holds
+one batch, not the data (positioned reads, no memory map: the process's resident memory stays
+at the batch whatever the file's size); the operating system's page cache does the rest.
 """
 
 from __future__ import annotations
@@ -71,13 +72,56 @@ class _NpyWriter:
         return self.sha.hexdigest()
 
 
+class NpyRanges:
+    """A 1-D .npy file on disk read by positioned reads (``os.pread``): only the ranges asked
+    for ever reach memory. Unlike a memory map, nothing is mapped into the process, so its
+    resident memory does not grow with the file as random batches touch it."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if len(shape) != 1 or fortran:
+            raise ValueError(f"{path}: expected a 1-D array")
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        expected = self.offset + shape[0] * self.dtype.itemsize
+        if path.stat().st_size != expected:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {expected}")
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a new descriptor after a fork
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def ranges(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The values [s, s + n) of every (s, n), concatenated in the order given."""
+        fd, size = self._descriptor(), self.dtype.itemsize
+        parts = [os.pread(fd, int(n) * size, self.offset + int(s) * size)
+                 for s, n in zip(starts, lengths, strict=True) if n]
+        return np.frombuffer(b"".join(parts), dtype=self.dtype)
+
+    def __getstate__(self) -> dict:  # picklable (e.g. DataLoader workers): no descriptor
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+
 def names_sha256(names) -> str:
     """A hash of cell (or gene) names, to check that two files describe the same cells."""
     return hashlib.sha256("\x1f".join(map(str, names)).encode()).hexdigest()
 
 
 class TokenStore:
-    """Count tokens of a set of cells (CSR), in memory or memory-mapped, maybe a row subset.
+    """Count tokens of a set of cells (CSR), in memory or on disk, maybe a row subset.
+
+    On disk (:meth:`open`) the row pointers are read into memory (8 bytes per cell) and a
+    batch's genes and tokens are read with one positioned read per cell and array.
 
     n_cells / n_genes: the shape seen by the caller (after :meth:`subset`).
     """
@@ -104,7 +148,7 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, obs_names=None, genes=None) -> TokenStore:
-        """Memory-map the store written by :func:`write_tokens`; check it matches the data.
+        """Open the store written by :func:`write_tokens`; check it matches the data.
 
         obs_names / genes: when given, the processed data's cell and gene names; a store made
         from other data raises InputError.
@@ -124,12 +168,18 @@ class TokenStore:
         if genes is not None and [str(g) for g in genes] != meta["genes"]:
             raise input_error(str(path), "tokens", "the tokens were made over other genes than the "
                               "processed data", "re-run the tokenize rule after preprocessing")
-        arrays = [np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS]
-        if arrays[0].shape != (meta["n_cells"] + 1,) or arrays[1].shape != (meta["nnz"],):
+        try:
+            indptr = np.load(path / "indptr.npy")
+            indices, values = NpyRanges(path / "indices.npy"), NpyRanges(path / "values.npy")
+        except (OSError, ValueError) as err:
+            raise input_error(str(path), "tokens", f"unreadable arrays ({err})",
+                              "delete the folder and re-run the tokenize rule") from err
+        if indptr.shape != (meta["n_cells"] + 1,) or len(indices) != meta["nnz"] \
+                or len(values) != meta["nnz"] or int(indptr[-1]) != meta["nnz"]:
             raise input_error(str(path), "tokens",
                               "the arrays do not match meta.json (a partial or damaged store)",
                               "delete the folder and re-run the tokenize rule")
-        return cls(*arrays, n_genes=meta["n_genes"], fingerprint=meta["sha256"])
+        return cls(indptr, indices, values, n_genes=meta["n_genes"], fingerprint=meta["sha256"])
 
     def subset(self, rows: np.ndarray) -> TokenStore:
         """The cells ``rows`` (indices into this store), without copying any token."""
@@ -164,12 +214,16 @@ class TokenStore:
         total = int(lengths.sum())
         if total == 0:
             return out
-        # positions of every stored token of the chosen rows, row after row
-        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-        order = np.argsort(offsets, kind="stable")  # read the memory map in file order
-        pos = offsets[order]
-        which = np.repeat(np.arange(len(rows)), lengths)[order]
-        out[which, np.asarray(self.indices[pos], dtype=np.int64)] = self.values[pos]
+        which = np.repeat(np.arange(len(rows)), lengths)  # the output row of each stored token
+        if isinstance(self.indices, NpyRanges):
+            order = np.argsort(starts, kind="stable")  # read the files in file order
+            genes = self.indices.ranges(starts[order], lengths[order])
+            tokens = self.values.ranges(starts[order], lengths[order])
+            which = np.repeat(order, lengths[order])
+        else:  # in memory: positions of every stored token of the chosen rows, row after row
+            pos = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+            genes, tokens = self.indices[pos], self.values[pos]
+        out[which, genes.astype(np.int64)] = tokens
         return out
 
 
@@ -178,7 +232,7 @@ def write_tokens(processed: str | os.PathLike, out_dir: str | os.PathLike,
     """Tokenise the processed h5ad's counts into ``out_dir``, streaming; return meta.json's dict.
 
     The counts are read one row block (about BLOCK_VALUES nonzeros) at a time and written into
-    preallocated memory-mapped arrays; the folder appears only when complete.
+    sequentially written .npy files; the folder appears only when complete.
     """
     processed, out_dir = str(processed), Path(out_dir)
     with h5py.File(processed, "r") as f:

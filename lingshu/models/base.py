@@ -42,7 +42,7 @@ class TrainingData:
     perturbation_type: ``genetic`` or ``stimulation`` (the dataset entry's).
     workdir: a folder the model may keep resumable training state in (or None).
     threads: CPU threads the model may use.
-    tokens: the training cells' count tokens, memory-mapped
+    tokens: the training cells' count tokens on disk
         (:class:`lingshu.data.tokenstore.TokenStore`), for models in ``registry.TOKENISED``;
         ``counts`` is then None (never loaded).
     """
@@ -153,7 +153,7 @@ def data_fingerprint(data: TrainingData, **extra: Any) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    if data.counts is None:  # memory-mapped tokens: their stored hash and the rows
+    if data.counts is None:  # tokens on disk: their stored hash and the rows
         h.update(data.tokens.fingerprint().encode())
         h.update(repr(data.tokens.shape).encode())
     else:

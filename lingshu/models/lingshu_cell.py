@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     "device": "auto",
+    "compile": False,  # torch.compile the network for training (GPU runs)
 }
 
 PRETRAIN_FORMAT = "lingshu-cell-pretrain/1"
@@ -90,7 +91,7 @@ def _device(name: str) -> torch.device:
 
 
 def training_tokens(data: TrainingData) -> TokenStore:
-    """The training cells' count tokens: the memory-mapped store of the tokenize stage when
+    """The training cells' count tokens: the on-disk store of the tokenize stage when
     the pipeline gave one, else made from the counts in memory (small data, tests)."""
     if data.tokens is not None:
         if data.tokens.shape != (len(data.obs), len(data.genes)):
@@ -130,7 +131,8 @@ class LingshuCell(PerturbationModel):
 
     def _train_config(self, steps: int, seed: int) -> TrainConfig:
         keys = {k: self.cfg[k] for k in ("batch_size", "micro_batch_size", "lr", "min_lr",
-                                         "warmup_steps", "ema_decay", "checkpoint_every")}
+                                         "warmup_steps", "ema_decay", "checkpoint_every",
+                                         "compile")}
         # Under DDP: some parameters get no gradient on some data (the padding embedding when
         # the genes fill the groups exactly, the target-gene projection without targets).
         return TrainConfig(steps=int(steps), seed=seed, ddp_find_unused_parameters=True, **keys)

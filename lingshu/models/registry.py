@@ -32,7 +32,7 @@ GENERATIVE = {"lingshu": "pretrain", "scldm": "fit"}
 # their config block asks for more than one GPU.
 DDP_MODELS = {"lingshu"}
 
-# Models that train from the memory-mapped count tokens of the tokenize rule
+# Models that train from the on-disk count tokens of the tokenize rule
 # (lingshu.data.tokenstore) instead of counts loaded into memory.
 TOKENISED = {"lingshu"}
 
