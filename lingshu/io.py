@@ -91,10 +91,13 @@ class CsrAppender:
 
 
 def write_h5ad_streaming(path: str | os.PathLike, obs: pd.DataFrame, var: pd.DataFrame,
-                         blocks: Iterable[sp.csr_matrix], uns: dict | None = None,
-                         obsm: dict | None = None, dtype: Any = np.int32) -> None:
+                         blocks: Iterable[sp.csr_matrix | np.ndarray], uns: dict | None = None,
+                         obsm: dict | None = None, dtype: Any = np.int32,
+                         dense: bool = False) -> None:
     """Write an h5ad whose X (CSR, of ``dtype``) arrives as row blocks, never held whole.
 
+    dense: write X as a dense (n_obs, n_vars) array instead (contiguous, so that a reader
+    fetching one cell reads one run of bytes); the blocks may then be sparse or dense.
     ``path`` is written in place (callers wrap it in :func:`atomic_path`). The blocks' rows
     must add up to ``len(obs)``; the file reads back with ``anndata.read_h5ad``.
     """
@@ -107,12 +110,26 @@ def write_h5ad_streaming(path: str | os.PathLike, obs: pd.DataFrame, var: pd.Dat
         ad.io.write_elem(f, "obsm", dict(obsm or {}))
         for key in ("layers", "obsp", "varm", "varp"):
             ad.io.write_elem(f, key, {})
-        X = CsrAppender(f.create_group("X"), n_cols=len(var), dtype=dtype)
-        for block in blocks:
-            X.append(block)
-        X.close()
-        if X.n_rows != len(obs):
-            raise ValueError(f"write_h5ad_streaming: {X.n_rows} rows of counts for {len(obs)} cells")
+        if dense:
+            X = f.create_dataset("X", shape=(len(obs), len(var)), dtype=dtype)
+            X.attrs["encoding-type"] = "array"
+            X.attrs["encoding-version"] = "0.2.0"
+            n_rows = 0
+            for block in blocks:
+                block = block.toarray() if sp.issparse(block) else np.asarray(block)
+                if block.shape[1] != len(var) or n_rows + block.shape[0] > len(obs):
+                    raise ValueError(f"write_h5ad_streaming: block of shape {block.shape} does "
+                                     f"not fit {len(obs)} x {len(var)} at row {n_rows}")
+                X[n_rows:n_rows + block.shape[0]] = block
+                n_rows += block.shape[0]
+        else:
+            X = CsrAppender(f.create_group("X"), n_cols=len(var), dtype=dtype)
+            for block in blocks:
+                X.append(block)
+            X.close()
+            n_rows = X.n_rows
+        if n_rows != len(obs):
+            raise ValueError(f"write_h5ad_streaming: {n_rows} rows of counts for {len(obs)} cells")
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:

@@ -42,6 +42,16 @@ def _rows(adata: ad.AnnData, split: Split, column: str) -> np.ndarray:
     return np.flatnonzero(split.cells[column].to_numpy())
 
 
+def _count_rows(adata: ad.AnnData, rows: np.ndarray):
+    """The counts of ``rows``: read on demand when ``adata`` is backed
+    (:class:`~lingshu.data.rows.FileRows`: no model needs them all in memory), else in memory."""
+    if adata.isbacked:
+        from lingshu.data.rows import FileRows
+
+        return FileRows(adata.filename, rows)
+    return _counts(adata, rows)
+
+
 def _counts(adata: ad.AnnData, rows: np.ndarray) -> sp.csr_matrix:
     """The counts of ``rows`` (in memory, or read from a backed file: only those rows)."""
     x = adata.X[rows]
@@ -86,8 +96,9 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     include_control_input: also hand over the control input cells (for unconditional
     pre-training on every cell that is not held-out truth).
     tokens: a :class:`~lingshu.data.tokenstore.TokenStore` of every processed cell; the
-        training cells' rows of it are handed over instead of their counts (``adata`` may then
-        be backed: its counts are never read).
+        training cells' rows of it are handed over instead of their counts (which are then
+        never read).
+    With ``adata`` backed the counts are handed over as rows of the file, read on demand.
     """
     entry = entry or {}
     train = _rows(adata, split, SPLIT_TRAIN)  # also checks that the split matches the data
@@ -96,7 +107,7 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
     obs = adata.obs.iloc[train][cols].astype(str).reset_index(drop=True)
     labels = sorted(set(adata.obs[PERT_COL].astype(str)))
-    return TrainingData(counts=_counts(adata, train) if tokens is None else None, obs=obs,
+    return TrainingData(counts=_count_rows(adata, train) if tokens is None else None, obs=obs,
                         genes=adata.var_names.to_numpy(), features=features, seed=seed,
                         targets=perturbation_targets(labels, adata.var_names, entry),
                         perturbation_type=entry.get("perturbation_type", "genetic"),

@@ -2,7 +2,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from lingshu.data.normalize import group_means, log1p_cp10k
+from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.rows import MemoryRows, group_means
 from lingshu.data.split import make_split
 from lingshu.models.registry import BASELINES, build_model, load_model
 from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
@@ -31,7 +32,7 @@ def test_log1p_cp10k_sparse_equals_dense():
     np.testing.assert_allclose(dense, sparse, rtol=1e-6)
     np.testing.assert_allclose(np.expm1(dense[0]).sum(), 1e4, rtol=1e-4)
     assert not dense[3].any()
-    labels, means = group_means(sp.csr_matrix(counts), np.array(list("ab") * 10))
+    labels, means = group_means(MemoryRows(sp.csr_matrix(counts)), np.array(list("ab") * 10))
     np.testing.assert_allclose(means[0], counts[::2].mean(axis=0))
 
 

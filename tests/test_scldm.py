@@ -1,12 +1,15 @@
 """scLDM: the autoencoder, the flow-matching pieces, and the benchmark adapter on tiny data."""
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
 from conftest import make_processed
 from scipy import stats
 
+import lingshu.data.rows as rows_mod
 from lingshu.data.split import make_split
+from lingshu.io import write_h5ad
 from lingshu.models.base import ConditionInput, load_state
 from lingshu.models.scldm import (
     AutoencoderConfig,
@@ -117,9 +120,12 @@ def test_guidance_scale_one_is_conditional_sampling():
 
 
 # ----------------------------------------------------------------------------- the model
-def _fit(workdir, seed=0):
+def _fit(workdir, seed=0, backed=False):
     adata = make_processed(n_genes=N_GENES, perts=("G1", "G2", "G3", "G4"), n_per=20,
                            n_ctrl=40)
+    if backed:  # as in the pipeline's jobs: the counts are read from the file on demand
+        write_h5ad(adata, workdir / "processed.h5ad")
+        adata = ad.read_h5ad(workdir / "processed.h5ad", backed="r")
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
     features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
@@ -223,3 +229,15 @@ def test_unconditional_generation(fitted):
     again = generate_cells(load_generator("scldm", None, str(work / "model.npz")),
                            adata.var_names.to_numpy(), 12, seed=1, progress=False)
     np.testing.assert_array_equal(again.layers["counts"].toarray(), counts)
+
+
+def test_a_fit_reading_the_counts_from_the_file_equals_the_fit_in_memory(fitted, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(rows_mod, "BLOCK_ROWS", 50)  # several blocks
+    _, model, _ = fitted
+    adata, twin = _fit(tmp_path, backed=True)
+    assert adata.isbacked
+    a, _ = model.get_state()
+    b, _ = twin.get_state()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -25,18 +25,3 @@ def log1p_cp10k(counts, target_sum: float = TARGET_SUM) -> sp.csr_matrix | np.nd
     lib = x.sum(axis=1, keepdims=True)
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
     return np.log1p(x * scale)
-
-
-def group_means(x, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean row of ``x`` per label without densifying ``x``.
-
-    x: (n_cells, n_genes) sparse or dense; labels: (n_cells,) hashable.
-    Returns (unique_labels (k,), means (k, n_genes) float64).
-    """
-    uniq, inverse = np.unique(np.asarray(labels), return_inverse=True)
-    n = len(labels)
-    indicator = sp.csr_matrix((np.ones(n), (inverse, np.arange(n))), shape=(len(uniq), n))
-    sums = indicator @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    counts = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
-    return uniq, sums / counts[:, None]

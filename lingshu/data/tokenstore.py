@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
+from lingshu.data.rows import PositionedArray
 from lingshu.errors import input_error
 from lingshu.tokens import quantize_counts
 
@@ -72,10 +73,8 @@ class _NpyWriter:
         return self.sha.hexdigest()
 
 
-class NpyRanges:
-    """A 1-D .npy file on disk read by positioned reads (``os.pread``): only the ranges asked
-    for ever reach memory. Unlike a memory map, nothing is mapped into the process, so its
-    resident memory does not grow with the file as random batches touch it."""
+class NpyRanges(PositionedArray):
+    """A 1-D .npy file on disk read by positioned reads (:class:`PositionedArray`)."""
 
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as fh:
@@ -86,30 +85,14 @@ class NpyRanges:
             self.offset = fh.tell()
         if len(shape) != 1 or fortran:
             raise ValueError(f"{path}: expected a 1-D array")
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        super().__init__(path, dtype, shape[0])
         expected = self.offset + shape[0] * self.dtype.itemsize
         if path.stat().st_size != expected:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {expected}")
-        self._fd: int | None = None
-        self._pid = -1
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _descriptor(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a new descriptor after a fork
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def ranges(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """The values [s, s + n) of every (s, n), concatenated in the order given."""
-        fd, size = self._descriptor(), self.dtype.itemsize
-        parts = [os.pread(fd, int(n) * size, self.offset + int(s) * size)
-                 for s, n in zip(starts, lengths, strict=True) if n]
-        return np.frombuffer(b"".join(parts), dtype=self.dtype)
-
-    def __getstate__(self) -> dict:  # picklable (e.g. DataLoader workers): no descriptor
-        return {**self.__dict__, "_fd": None, "_pid": -1}
+    def _spans(self, start: int, n: int) -> list[tuple[int, int]]:
+        size = self.dtype.itemsize
+        return [(self.offset + start * size, n * size)]
 
 
 def names_sha256(names) -> str:

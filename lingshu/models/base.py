@@ -30,7 +30,10 @@ from lingshu.io import atomic_path
 class TrainingData:
     """What a model sees at fit time.
 
-    counts: (n_cells, n_genes) CSR int raw UMI counts of the training cells.
+    counts: (n_cells, n_genes) raw UMI counts of the training cells: a CSR matrix, or a
+        :class:`lingshu.data.rows.CountRows` read on demand (the pipeline's jobs hand over the
+        processed file's rows, so no model needs the whole matrix in memory). Models read it
+        through :meth:`count_rows`.
     obs: (n_cells,) DataFrame with ``perturbation`` and ``context`` (controls are ``control``).
     genes: (n_genes,) gene symbols in the order of the columns.
     features: perturbation features for every perturbation the model may be asked about
@@ -47,7 +50,7 @@ class TrainingData:
         ``counts`` is then None (never loaded).
     """
 
-    counts: sp.csr_matrix | None
+    counts: Any
     obs: pd.DataFrame
     genes: np.ndarray
     features: pd.DataFrame | None
@@ -57,6 +60,12 @@ class TrainingData:
     workdir: Path | None = None
     threads: int = 1
     tokens: Any = None
+
+    def count_rows(self):
+        """The training counts as :class:`lingshu.data.rows.CountRows` (blocks, batches)."""
+        from lingshu.data.rows import as_count_rows
+
+        return as_count_rows(self.counts)
 
 
 @dataclass
@@ -157,10 +166,7 @@ def data_fingerprint(data: TrainingData, **extra: Any) -> str:
         h.update(data.tokens.fingerprint().encode())
         h.update(repr(data.tokens.shape).encode())
     else:
-        counts = sp.csr_matrix(data.counts)
-        for arr in (counts.indptr, counts.indices, counts.data):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        h.update(repr(counts.shape).encode())
+        h.update(data.count_rows().fingerprint().encode())
     for col in sorted(data.obs.columns):
         h.update(col.encode())
         h.update("\x1f".join(map(str, data.obs[col].to_numpy())).encode())

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.data.normalize import group_means, log1p_cp10k
+from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.rows import group_means
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
 from lingshu.models.features import feature_matrix
 
@@ -36,7 +37,7 @@ def _repeat(profile: np.ndarray, n_cells: int) -> np.ndarray:
 def _condition_means(data: TrainingData):
     """Return (contexts (k,), perts (k,), means (k, n_genes)) of every training condition."""
     keys = (data.obs[CONTEXT_COL].astype(str) + "\x1f" + data.obs[PERT_COL].astype(str))
-    uniq, means = group_means(log1p_cp10k(data.counts), keys.to_numpy())
+    uniq, means = group_means(data.count_rows(), keys.to_numpy(), transform=log1p_cp10k)
     ctx, pert = zip(*(u.split("\x1f") for u in uniq))
     return np.array(ctx), np.array(pert), means
 
@@ -52,7 +53,7 @@ class ControlMean(PerturbationModel):
     name = "control_mean"
 
     def fit(self, data: TrainingData) -> None:
-        self.n_genes = data.counts.shape[1]
+        self.n_genes = len(data.genes)
 
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         controls = log1p_cp10k(condition.control_counts)
@@ -81,10 +82,13 @@ class PerturbationMean(PerturbationModel):
         mask = labels != CONTROL
         if not mask.any():
             raise ValueError("perturbation_mean: the training cells hold no perturbed cells")
-        logs = log1p_cp10k(data.counts[mask])
-        contexts = data.obs[CONTEXT_COL].astype(str).to_numpy()[mask]
-        self.contexts, self.per_context = group_means(logs, contexts)
-        self.pooled = np.asarray(logs.mean(axis=0)).ravel()
+        # Controls get their own label; the perturbed cells' means follow per context.
+        contexts = np.where(mask, data.obs[CONTEXT_COL].astype(str).to_numpy(), "\x1fcontrol")
+        labels, means = group_means(data.count_rows(), contexts, transform=log1p_cp10k)
+        n_cells = np.unique(contexts, return_counts=True)[1].astype(np.float64)  # labels' order
+        keep = labels != "\x1fcontrol"
+        self.contexts, self.per_context = labels[keep], means[keep]
+        self.pooled = (n_cells[keep] @ means[keep]) / n_cells[keep].sum()
 
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         hit = np.flatnonzero(self.contexts == condition.context)
@@ -122,7 +126,7 @@ class LinearModel(PerturbationModel):
     name = "linear"
 
     def fit(self, data: TrainingData) -> None:
-        from lingshu.models.features import gene_embedding
+        from lingshu.models.features import embedding_rows, gene_embedding
 
         ridge = float(self.params.get("ridge", 0.1))
         n_components = int(self.params.get("n_components", 16))
@@ -146,7 +150,10 @@ class LinearModel(PerturbationModel):
         # Unseen perturbations: context offsets, then the bilinear low-rank map.
         self.context_offset = np.stack([resid[ctx == c].mean(axis=0) for c in self.contexts])
         resid2 = resid - self.context_offset[[self.contexts.index(c) for c in ctx]]
-        self.gene_emb = gene_embedding(log1p_cp10k(data.counts), n_components, data.seed)
+        rows = data.count_rows()  # the embedding's subsample only is read
+        self.gene_emb = gene_embedding(
+            log1p_cp10k(rows.read(embedding_rows(rows.shape[0], data.seed))), n_components,
+            data.seed)
         self.feature_labels = list(data.features.index) if data.features is not None else []
         self.features = feature_matrix(data.features, self.feature_labels)
         feats = feature_matrix(data.features, list(pert))  # (k, f)

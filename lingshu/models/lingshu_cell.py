@@ -92,13 +92,13 @@ def _device(name: str) -> torch.device:
 
 def training_tokens(data: TrainingData) -> TokenStore:
     """The training cells' count tokens: the on-disk store of the tokenize stage when
-    the pipeline gave one, else made from the counts in memory (small data, tests)."""
+    the pipeline gave one, else made from the counts, loaded whole (small data, tests)."""
     if data.tokens is not None:
         if data.tokens.shape != (len(data.obs), len(data.genes)):
             raise ValueError(f"lingshu: the token store holds {data.tokens.shape} cells x genes "
                              f"for {len(data.obs)} training cells x {len(data.genes)} genes")
         return data.tokens
-    return TokenStore.from_counts(data.counts)
+    return TokenStore.from_counts(data.count_rows().read_all())
 
 
 def token_batch(store: TokenStore, idx: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL, TARGET_SUM
 from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.rows import CountRows, column_sums, row_sums
 from lingshu.data.simulate import sample_negative_binomial
 from lingshu.models.base import (
     ConditionInput,
@@ -130,9 +131,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dense(counts: sp.csr_matrix, rows: np.ndarray | None = None) -> torch.Tensor:
-    """(n, G) float32 dense counts of ``rows`` of a CSR matrix (all rows when None)."""
-    block = counts if rows is None else counts[rows]
+def _dense(counts, rows: np.ndarray | None = None) -> torch.Tensor:
+    """(n, G) float32 dense counts of ``rows`` of a CSR matrix or
+    :class:`~lingshu.data.rows.CountRows` (all rows of a matrix when None)."""
+    if isinstance(counts, CountRows):
+        block = counts.read(rows)
+    else:
+        block = counts if rows is None else counts[rows]
     return torch.from_numpy(np.asarray(block.toarray(), dtype=np.float32))
 
 
@@ -183,23 +188,24 @@ class ScLDM(PerturbationModel):
         ``recon_holdout`` cells kept out of training.
         """
         torch.manual_seed(data.seed)
-        counts = sp.csr_matrix(data.counts, dtype=np.float32)
+        counts = data.count_rows()  # read batch by batch (on disk in the pipeline's jobs)
         n_cells, n_genes = counts.shape
         order = np.random.default_rng(data.seed).permutation(n_cells)
         n_held = min(int(round(float(self.cfg["recon_holdout"]) * n_cells)), MAX_RECON_CELLS,
                      n_cells - 1)
         held, kept = np.sort(order[:n_held]), np.sort(order[n_held:])
-        train_counts = counts[kept]
+        is_kept = np.zeros(n_cells, dtype=bool)
+        is_kept[kept] = True
         ae_cfg = self._autoencoder_config(n_genes)
         ae = ScLDMAutoencoder(ae_cfg)
-        gene_totals = np.asarray(train_counts.sum(axis=0)).ravel()
+        gene_totals = column_sums(counts, select=is_kept)
         ae.init_gene_bias(torch.from_numpy(gene_totals / max(gene_totals.sum(), 1.0)))
         kl_weight = float(self.cfg["kl_weight"])
         latent_shape = (ae_cfg.latent_tokens, ae_cfg.latent_dim)
 
         def sample_batch(n: int, gen: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(train_counts.shape[0], (n,), generator=gen, device=gen.device)
-            return _dense(train_counts, idx.cpu().numpy())  # (n, G)
+            idx = torch.randint(kept.size, (n,), generator=gen, device=gen.device)
+            return _dense(counts, kept[idx.cpu().numpy()])  # (n, G)
 
         def loss_fn(model: torch.nn.Module, batch: torch.Tensor,
                     gen: torch.Generator) -> torch.Tensor:
@@ -245,10 +251,10 @@ class ScLDM(PerturbationModel):
         return ckpt
 
     @torch.no_grad()
-    def _encode(self, counts: sp.csr_matrix, chunk: int = 1024) -> torch.Tensor:
+    def _encode(self, counts: CountRows, chunk: int = 1024) -> torch.Tensor:
         """(N, G) raw counts -> (N, M, L) posterior-mean latents on the CPU."""
-        out = [self.ae.encode(_dense(counts[s:s + chunk]).to(self.device)).float().cpu()
-               for s in range(0, counts.shape[0], chunk)]
+        out = [self.ae.encode(_dense(block).to(self.device)).float().cpu()
+               for _, block in counts.blocks(chunk)]
         return torch.cat(out)
 
     def reconstruction_pearson(self, counts: sp.csr_matrix | np.ndarray) -> float:
@@ -268,7 +274,7 @@ class ScLDM(PerturbationModel):
         """
         torch.manual_seed(data.seed)
         self.genes = [str(g) for g in data.genes]
-        counts = sp.csr_matrix(data.counts, dtype=np.float32)
+        counts = data.count_rows()
         with model_workdir(data.workdir, "scldm-") as workdir:
             if init is None:
                 init = workdir / "autoencoder.pt"
@@ -326,7 +332,7 @@ class ScLDM(PerturbationModel):
         self.meta = {
             "reconstruction_pearson_heldout": float(ae_ckpt["reconstruction_pearson_heldout"]),
             "reconstruction_n_heldout": int(ae_ckpt["n_heldout"]),
-            "reconstruction_pearson_train": self.reconstruction_pearson(counts[rows]),
+            "reconstruction_pearson_train": self.reconstruction_pearson(counts.read(rows)),
             "autoencoder_seconds": float(ae_ckpt.get("train_seconds", float("nan"))),
             "flow_seconds": float(result.seconds),
             "flow_final_loss": float(result.losses[-1]) if result.losses else float("nan"),
@@ -358,9 +364,9 @@ class ScLDM(PerturbationModel):
         self.features = torch.from_numpy(feats / self.feature_scale)
         self.has_features = torch.from_numpy(present)
 
-    def _set_library_fallback(self, counts: sp.csr_matrix, data: TrainingData) -> None:
+    def _set_library_fallback(self, counts: CountRows, data: TrainingData) -> None:
         """Median library size of each context's training cells, for controls-free predictions."""
-        lib = np.asarray(counts.sum(axis=1)).ravel()
+        lib = row_sums(counts)
         ctx = data.obs[CONTEXT_COL].astype(str).to_numpy()
         self.library_fallback = {c: float(np.median(lib[ctx == c])) for c in self.contexts}
         # 1,001 quantiles of the training library sizes: unconditional generation draws from them.
