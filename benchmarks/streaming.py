@@ -21,7 +21,14 @@ it, each in a fresh process, exactly as the Snakemake rules call them:
   this stage's peak memory);
 - ``fit`` of Lingshu-Cell from the tokens (``--fit-steps`` steps of ``--fit-batch`` cells,
   tiny preset): the whole training job's memory with 200,000 cells on disk. Its per-gene
-  output head makes (batch x genes x 281) logits, about 0.65 GB at 32 cells x 18,080 genes.
+  output head makes (batch x genes x 281) logits, about 0.65 GB at 32 cells x 18,080 genes;
+- the other models' jobs, which read the training cells' counts from the processed file on
+  demand (``lingshu.data.rows``): ``fit`` of ``perturbation_mean`` and ``linear`` (one
+  streaming pass over every training cell: per-condition means of log1p(CP10k)), and scLDM's
+  ``pretrain`` (tiny preset, ``--fit-steps`` autoencoder steps of ``--fit-batch`` cells read at
+  random from the file; the column sums pass and the held-out reconstruction cells included).
+  STATE is left out: its training file is dense log1p(CP10k) (4 bytes x cells x genes: 9 GB
+  here), written block by block, and its own loader is upstream's (cell-load).
 
 Per stage: wall time, CPU time, peak RSS of that process (``wait4``), cells/s. The raw,
 processed and token sizes on disk are printed too. The work folder is deleted at the end
@@ -144,7 +151,7 @@ def loader_benchmark(tokens: Path, processed: Path, cells: Path, batches: int, b
 # ------------------------------------------------------------------------------------ harness
 def run_stage(name: str, cmd: list[str], n_cells: int, log_dir: Path) -> dict:
     """Run one stage in a fresh process; its own wall time, CPU time and peak RSS."""
-    log = log_dir / f"{name}.log"
+    log = log_dir / f"{name.replace(' ', '_')}.log"
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
@@ -157,7 +164,7 @@ def run_stage(name: str, cmd: list[str], n_cells: int, log_dir: Path) -> dict:
                  + log.read_text()[-3000:])
     row = {"stage": name, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
            "peak_rss_gib": usage.ru_maxrss / 2**20, "cells_per_s": n_cells / wall}
-    print(f"  {name:<10} {wall:8.1f} s wall {row['cpu_s']:8.1f} s CPU "
+    print(f"  {name:<22} {wall:8.1f} s wall {row['cpu_s']:8.1f} s CPU "
           f"{row['peak_rss_gib']:6.2f} GiB peak RSS {row['cells_per_s']:10.0f} cells/s", flush=True)
     return row
 
@@ -250,6 +257,18 @@ def main() -> None:
         json.dumps(params), "--entry", json.dumps(ENTRY), "--seed", str(args.seed), "--threads",
         "2", "--workdir", str(work / "model"), "--tokens", str(tokens), "--out",
         str(work / "model" / "model.npz")], args.cells, logs))
+    for model in ("perturbation_mean", "linear"):
+        rows.append(run_stage(f"fit {model}", lingshu + [
+            "fit", *data, "--features", str(features), "--model", model, "--entry",
+            json.dumps(ENTRY), "--seed", str(args.seed), "--threads", "2", "--out",
+            str(work / model / "model.npz")], args.cells, logs))
+    scldm = {"preset": "tiny", "ae_steps": args.fit_steps, "ae_batch_size": args.fit_batch,
+             "warmup_steps": 1, "checkpoint_every": 1000, "device": "cpu"}
+    rows.append(run_stage("pretrain scldm", lingshu + [
+        "pretrain", *data, "--features", str(features), "--model", "scldm", "--params",
+        json.dumps(scldm), "--entry", json.dumps(ENTRY), "--seed", str(args.seed), "--threads",
+        "2", "--workdir", str(work / "scldm"), "--out", str(work / "scldm" / "pretrain.pt")],
+        args.cells, logs))
     fit_log = (logs / "fit.log").read_text()
     fit_rate = [ln for ln in fit_log.splitlines() if "fine-tuned" in ln]
 
