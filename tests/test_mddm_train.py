@@ -127,10 +127,21 @@ def test_ema():
     ema.copy_to(other)
     for n, p in other.named_parameters():
         assert torch.equal(p, ema.shadow[n])
-    ema2 = EMA(Toy(), decay=0.5)
+    ema2 = EMA(Toy(), decay=0.5, warmup=False)
     ema2.load_state_dict(ema.state_dict())
-    assert ema2.decay == d and ema2.num_updates == 1
+    assert ema2.decay == d and ema2.num_updates == 1 and ema2.warmup
     assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+
+    # From trained weights (fine-tuning): the configured decay from the first update.
+    ema3 = EMA(model, decay=d, warmup=False)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    ema3.update(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ema3.shadow[n], d * old[n] + (1 - d) * p.detach())
+    assert ema3.current_decay() == d
 
 
 def test_training_lowers_loss(tmp_path):
@@ -230,6 +241,11 @@ def test_init_state_dict_strict_false_is_logged(tmp_path, caplog):
     res = train(model, denoise_loss, sample_batch, cfg(steps=3), tmp_path / "ck2.pt",
                 progress=False, init_state_dict=pre)
     assert len(res.losses) == 3
+    # the average of a run from trained weights has no warm-up; one from scratch has
+    assert load_checkpoint(tmp_path / "ck2.pt")["ema"]["warmup"] is False
+    train(fresh_model(1, cond=True), denoise_loss, sample_batch, cfg(steps=1),
+          tmp_path / "ck3.pt", progress=False)
+    assert load_checkpoint(tmp_path / "ck3.pt")["ema"]["warmup"] is True
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):

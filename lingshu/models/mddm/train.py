@@ -189,17 +189,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class EMA:
     """Exponential moving average of a model's floating-point parameters.
 
-    ``update`` sets ``shadow = d * shadow + (1 - d) * param`` for every parameter, with the
-    warmed-up decay ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update (as in timm and
-    diffusers), so that a short run's average is not dominated by the initial weights
-    (with a fixed 0.99, 22% of the shadow after 150 steps would still be the initialisation).
-    The shadow starts as a copy of the parameters. Buffers are not averaged.
+    ``update`` sets ``shadow = d * shadow + (1 - d) * param`` for every parameter. The shadow
+    starts as a copy of the parameters. Buffers are not averaged.
+
+    warmup: use the warmed-up decay ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update
+    (as in timm and diffusers), for training from random weights: a short run's average is then
+    not dominated by the initialisation (with a fixed 0.99, 22% of the shadow after 150 steps
+    would still be random weights). Without it (training that starts from trained weights,
+    such as fine-tuning) ``d = decay`` throughout: the warm-up's short early window would only
+    make the average noisier (on the default sim_stimulation data, Lingshu-Cell's fine-tuning
+    with the warm-up doubled the MAE, 0.393 against 0.190).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.num_updates = 0
         model = unwrap_model(model)
         self.shadow: dict[str, torch.Tensor] = {
@@ -225,7 +231,10 @@ class EMA:
         self.num_updates += 1
 
     def current_decay(self) -> float:
-        """The decay the next update applies: ``min(decay, (1 + n) / (10 + n))``."""
+        """The decay the next update applies: ``min(decay, (1 + n) / (10 + n))`` with the
+        warm-up, else ``decay``."""
+        if not self.warmup:
+            return self.decay
         n = self.num_updates
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
@@ -237,7 +246,7 @@ class EMA:
             p.copy_(s)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates,
+        return {"decay": self.decay, "num_updates": self.num_updates, "warmup": self.warmup,
                 "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,6 +259,7 @@ class EMA:
             self.shadow[k].copy_(v)
         self.decay = float(state.get("decay", self.decay))
         self.num_updates = int(state.get("num_updates", 0))
+        self.warmup = bool(state.get("warmup", self.warmup))
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,7 +555,8 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(1, cfg),
                                   betas=tuple(cfg.betas))
-    ema = EMA(model, cfg.ema_decay)
+    # The warm-up is for an average that starts at random weights, not at trained ones.
+    ema = EMA(model, cfg.ema_decay, warmup=init_state_dict is None)
     losses: list[float] = []
     start_step, train_seconds, cells_seen = 0, 0.0, 0
     if ckpt is not None:
