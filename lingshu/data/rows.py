@@ -181,7 +181,7 @@ class FileRows(CountRows):
                 self.arrays = (H5Ranges(self.path, x["data"]), H5Ranges(self.path, x["indices"]))
             except ValueError:
                 self.arrays = None  # filtered storage: h5py reads
-            self.dtype, self.index_dtype = x["data"].dtype, x["indices"].dtype
+            self.dtype = x["data"].dtype
         self.rows = (np.arange(n_rows, dtype=np.int64) if rows is None
                      else np.asarray(rows, dtype=np.int64))
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= n_rows):
