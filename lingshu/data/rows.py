@@ -223,9 +223,8 @@ class FileRows(CountRows):
         return unique if np.array_equal(inverse, np.arange(wanted.size)) else unique[inverse]
 
 
-def column_sums(rows: CountRows, transform: Callable | None = None,
-                select=None) -> np.ndarray:
-    """(n_genes,) float64 sum over rows (of ``transform(block)`` when given), streaming.
+def column_sums(rows: CountRows, select=None) -> np.ndarray:
+    """(n_genes,) float64 sum over rows, streaming.
 
     select: an optional boolean mask over the rows; only those rows count.
     """
@@ -233,8 +232,7 @@ def column_sums(rows: CountRows, transform: Callable | None = None,
     for start, block in rows.blocks():
         if select is not None:
             block = block[np.asarray(select[start:start + block.shape[0]], dtype=bool)]
-        x = transform(block) if transform is not None else block
-        total += np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+        total += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
     return total
 
 

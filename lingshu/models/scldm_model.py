@@ -131,13 +131,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dense(counts, rows: np.ndarray | None = None) -> torch.Tensor:
-    """(n, G) float32 dense counts of ``rows`` of a CSR matrix or
-    :class:`~lingshu.data.rows.CountRows` (all rows of a matrix when None)."""
-    if isinstance(counts, CountRows):
-        block = counts.read(rows)
-    else:
-        block = counts if rows is None else counts[rows]
+def _dense(block: sp.csr_matrix) -> torch.Tensor:
+    """(n, G) float32 dense counts of a CSR block of cells."""
     return torch.from_numpy(np.asarray(block.toarray(), dtype=np.float32))
 
 
@@ -205,7 +200,7 @@ class ScLDM(PerturbationModel):
 
         def sample_batch(n: int, gen: torch.Generator) -> torch.Tensor:
             idx = torch.randint(kept.size, (n,), generator=gen, device=gen.device)
-            return _dense(counts, kept[idx.cpu().numpy()])  # (n, G)
+            return _dense(counts.read(kept[idx.cpu().numpy()]))  # (n, G)
 
         def loss_fn(model: torch.nn.Module, batch: torch.Tensor,
                     gen: torch.Generator) -> torch.Tensor:
@@ -224,7 +219,7 @@ class ScLDM(PerturbationModel):
             weights = ema_weights(load_checkpoint(state_path))
         ae.load_state_dict(weights)
         ae.eval()
-        r = reconstruction_pearson(ae, _dense(counts, held)) if n_held else torch.zeros(0)
+        r = reconstruction_pearson(ae, _dense(counts.read(held))) if n_held else torch.zeros(0)
         r_held = float(np.nanmean(r.numpy())) if r.numel() else float("nan")
         log.info("autoencoder: %d steps in %.1f s; reconstruction Pearson on %d held-out "
                  "cells %.4f", len(result.losses), result.seconds, n_held, r_held)
