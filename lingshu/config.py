@@ -1,12 +1,19 @@
-"""Config validation with messages that name the entry, the field and the fix.
+"""The config, validated once and parsed into typed entries.
 
 The Snakefile calls :func:`validate_config` before building the DAG; the schema is
-``workflow/schemas/config.schema.yaml`` (defaults are filled in as it validates).
+``workflow/schemas/config.schema.yaml`` (defaults are filled in as it validates; the list of
+model names comes from the model specs, :mod:`lingshu.models.spec`). Messages name the entry,
+the field and the fix. A stage receives its dataset entry as one :class:`DatasetEntry`
+(:meth:`DatasetEntry.from_json` of what the rule passes), never as a raw dict with defaults
+restated.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import yaml
@@ -22,7 +29,7 @@ _FIXES = {
     "oneOf": "give exactly one of url+sha256, path, or simulate",
     "pattern": "match the expected form",
     "type": "give a value of the expected type",
-    "propertyNames": "use a registered name",
+    "propertyNames": "use a registered name (letters, digits, _ and - for a dataset)",
     "minProperties": "add at least one entry",
     "minimum": "give a larger value",
     "maximum": "give a smaller value",
@@ -47,23 +54,28 @@ def _copy(value):
     return yaml.safe_load(yaml.safe_dump(value))
 
 
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+def load_schema(path: str | Path = SCHEMA_PATH, model_names: list[str] | None = None) -> dict:
+    """The config schema; with ``model_names`` (the registered models, see
+    :mod:`lingshu.plan`) those are the only keys allowed under ``models`` and a dataset's
+    ``model_params``."""
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        schema = yaml.safe_load(fh)
+    if model_names is not None:
+        schema.setdefault("$defs", {})["model_name"] = {
+            "enum": sorted(model_names),
+            "description": "a registered model (lingshu/models/*/spec.py)"}
+    return schema
 
 
-def validate_config(config: dict, source: str = "config", schema_path: str | Path = SCHEMA_PATH) -> dict:
-    """Validate ``config`` in place (defaults filled) and return it; raise InputError if bad.
-
-    source: the config file's name, used in the message.
-    """
-    schema = load_schema(schema_path)
+def schema_errors(instance: dict, schema: dict) -> list[jsonschema.ValidationError]:
+    """Every schema error of ``instance`` (defaults filled in place as it validates), sorted."""
     validator = _extend_with_default(jsonschema.Draft202012Validator)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise InputError(_message(errors[0], source, len(errors)))
-    _check_cross_fields(config, source)
-    return config
+    return sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+
+
+def error_message(error: jsonschema.ValidationError, source: str, n_errors: int) -> str:
+    """``<source>: <field>: <problem>. Fix: <fix>`` for a schema error."""
+    return _message(error, source, n_errors)
 
 
 def _message(error: jsonschema.ValidationError, source: str, n_errors: int) -> str:
@@ -78,48 +90,116 @@ def _message(error: jsonschema.ValidationError, source: str, n_errors: int) -> s
     return f"{source}: {field}: {problem}. Fix: {fix}{more}"
 
 
-def _check_cross_fields(config: dict, source: str) -> None:
-    models = set(config["models"])
-    for name, entry in config["datasets"].items():
-        unknown = set(entry.get("models", [])) - models
-        if unknown:
-            raise InputError(f"{source}: datasets.{name}.models: {sorted(unknown)} are not "
-                             f"configured under models. Fix: add them to `models` or remove them")
-        extra = set(entry.get("model_params") or {}) - models
-        if extra:
-            raise InputError(f"{source}: datasets.{name}.model_params: {sorted(extra)} are not "
-                             f"configured under models. Fix: add them to `models` or remove them")
-        lingshu = {**(config["models"].get("lingshu") or {}),
-                   **((entry.get("model_params") or {}).get("lingshu") or {})}
-        if "lingshu" in entry.get("models", models) and lingshu.get("prior_injection") \
-                and not entry.get("prior"):
-            raise InputError(f"{source}: datasets.{name}: the lingshu block sets prior_injection "
-                             f"but the dataset has no `prior` (external data to take prior genes "
-                             f"from). Fix: add a `prior` block to the dataset, or set "
-                             f"`prior_injection: false` for it under model_params.lingshu")
-        split = entry["split"]
-        listed = split.get("test_perturbations") or split.get("test_perturbations_file")
-        if split["kind"] == "heldout_perturbations" and not (
-            listed or split.get("n_test_perturbations")
-        ):
-            raise InputError(f"{source}: datasets.{name}.split: heldout_perturbations needs "
-                             f"test perturbations. Fix: set test_perturbations, "
-                             f"test_perturbations_file or n_test_perturbations")
-        if listed and split.get("n_test_perturbations"):
-            raise InputError(f"{source}: datasets.{name}.split.n_test_perturbations: given "
-                             f"together with an explicit list of test perturbations. Fix: "
-                             f"either list them or have n_test_perturbations drawn, not both")
-        per_context = split.get("test_contexts") or split.get("n_test_contexts")
-        if split["kind"] == "heldout_combinations" and not (
-            split.get("test_combinations") or split.get("n_test_combinations") or per_context
-        ):
-            raise InputError(f"{source}: datasets.{name}.split: heldout_combinations needs "
-                             f"test combinations. Fix: set test_combinations, n_test_combinations "
-                             f"or test_contexts with n_test_perturbations_per_context")
-        if per_context and not split.get("n_test_perturbations_per_context"):
-            raise InputError(f"{source}: datasets.{name}.split.n_test_perturbations_per_context: "
-                             f"test contexts need it. Fix: set how many perturbations each test "
-                             f"context holds out")
-        if split["kind"] == "heldout_combinations" and not entry["columns"].get("context"):
-            raise InputError(f"{source}: datasets.{name}.columns.context: held-out combinations "
-                             f"need a context column. Fix: set columns.context (e.g. cell_type)")
+# ------------------------------------------------------------------------------------------
+# The typed dataset entry
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which obs columns of the raw file hold what (``columns`` of the entry)."""
+
+    perturbation: str = "perturbation"
+    control: str = "control"
+    context: str | None = None
+    context_label: str | None = None
+    batch: str | None = None
+
+
+@dataclass(frozen=True)
+class QC:
+    """Cell and gene filters of preprocessing (``qc`` of the entry)."""
+
+    min_counts_per_cell: int = 0
+    min_genes_per_cell: int = 0
+    min_cells_per_gene: int = 0
+    max_pct_mito: float | None = None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the config, validated and with every default filled.
+
+    ``source``, ``split`` and ``prior`` stay mappings (their variants are many and the schema
+    documents them); everything else is a field. Build it with :meth:`parse` (a raw entry as
+    in a config file) or :meth:`from_json` (what the rules pass to the command line).
+    """
+
+    name: str
+    source: dict[str, Any]
+    split: dict[str, Any]
+    columns: Columns = field(default_factory=Columns)
+    perturbation_type: str = "genetic"
+    combo_separator: str = "+"
+    genes: str | None = None
+    layer: str | None = None
+    qc: QC = field(default_factory=QC)
+    min_cells_per_condition: int = 10
+    drop_small_conditions: bool = False
+    perturbation_features: str | None = None
+    prior: dict[str, Any] | None = None
+    models: tuple[str, ...] | None = None
+    model_params: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def parse(cls, name: str, raw: dict[str, Any], source: str = "config") -> DatasetEntry:
+        """Validate a raw entry against the schema (filling defaults) and type it."""
+        entry = _copy(raw)
+        errors = schema_errors(entry, {"$ref": "#/$defs/dataset", "$defs": load_schema()["$defs"]})
+        if errors:
+            error = errors[0]
+            error.path.extendleft(["datasets", name][::-1])
+            raise InputError(_message(error, source, len(errors)))
+        return cls.from_validated(name, entry)
+
+    @classmethod
+    def from_validated(cls, name: str, entry: dict[str, Any]) -> DatasetEntry:
+        """Type an entry already validated (defaults filled) as part of the whole config."""
+        return cls(
+            name=name, source=dict(entry["source"]), split=dict(entry["split"]),
+            columns=Columns(**entry["columns"]),
+            perturbation_type=entry["perturbation_type"],
+            combo_separator=entry["combo_separator"], genes=entry["genes"],
+            layer=entry["layer"], qc=QC(**entry["qc"]),
+            min_cells_per_condition=int(entry["min_cells_per_condition"]),
+            drop_small_conditions=bool(entry["drop_small_conditions"]),
+            perturbation_features=entry["perturbation_features"], prior=entry.get("prior"),
+            models=tuple(entry["models"]) if entry.get("models") is not None else None,
+            model_params=dict(entry.get("model_params") or {}),
+            description=entry.get("description", ""))
+
+    def to_json(self) -> str:
+        """Compact JSON that :meth:`from_json` reads back (what the rules pass)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DatasetEntry:
+        """The entry from :meth:`to_json` (or ``{"name": ..., **raw entry}``), validated."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"command line: --entry is not valid JSON ({err}). Fix: pass the "
+                             "dataset entry as the rules do") from err
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise InputError("command line: --entry needs the dataset's name and entry. Fix: "
+                             "pass the JSON the rules pass")
+        name = raw.pop("name")
+        raw = {k: v for k, v in raw.items() if not (v is None and k in ("prior", "models"))}
+        if raw.get("description") == "":
+            raw.pop("description")
+        return cls.parse(name, raw, source="--entry")
+
+    @property
+    def genetic(self) -> bool:
+        """Genetic perturbations (targets are genes) rather than stimulations."""
+        return self.perturbation_type == "genetic"
+
+    def targets(self, labels, genes) -> dict[str, list[str]]:
+        """Each perturbation label's target genes that are in ``genes`` (the panel); empty
+        lists for stimulation data. Combinations (``A+B``) list every target."""
+        if not self.genetic:
+            return {str(p): [] for p in labels}
+        panel = set(map(str, genes))
+        return {str(p): [t for t in str(p).split(self.combo_separator) if t in panel]
+                for p in labels}

@@ -7,6 +7,7 @@ A crash or a validation error therefore never leaves a half-written output where
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +20,18 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to stream fast, small enough to hash incrementally
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of the file at ``path``, read in chunks (files can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -27,23 +27,13 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from lingshu.errors import InputError, input_error
-from lingshu.io import atomic_path
+from lingshu.io import CHUNK_BYTES, atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to stream fast, small enough to hash incrementally
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SCHEMES = ("http", "https", "file")
 _SHA_FIX = "update `sha256:` in the dataset entry of the config, or check that `url:` points to the intended file"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Return the hex sha256 of the file at ``path``, read in chunks (files can be GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _normalise_sha256(sha256: str | None, where: str) -> str | None:
