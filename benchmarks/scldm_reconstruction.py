@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from lingshu.data.split import read_split
-from lingshu.models.registry import load_model
+from lingshu.models.harness import load_model
 
 MAX_CELLS = 2000
 
@@ -40,7 +40,7 @@ def main() -> None:
     for ds in args.datasets:
         model = load_model(str(ds / "models" / "scldm" / "model.npz"))
         adata = ad.read_h5ad(ds / "processed.h5ad")
-        split = read_split(str(ds / "split" / "cells.tsv"), str(ds / "split" / "conditions.tsv"))
+        split = read_split(ds / "split")
         cells = split.cells.loc[adata.obs_names]
         rng = np.random.default_rng(args.seed)
         out = {}

@@ -27,12 +27,15 @@ import anndata as ad
 import numpy as np
 import torch
 
+from lingshu.config import DatasetEntry
 from lingshu.data.preprocess import preprocess
 from lingshu.data.simulate import params_from_dict, simulate_dataset
 from lingshu.data.split import make_split
-from lingshu.models.baselines import LinearModel
-from lingshu.models.scldm_model import ScLDM
-from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+from lingshu.data.features import compute_features
+from lingshu.data.truth import build_truth
+from lingshu.models.baselines.model import LinearModel
+from lingshu.models.harness import predict_conditions, training_data
+from lingshu.models.scldm.model import ScLDM
 
 SIM = {"n_genes": 1000, "n_knockdowns": 12, "n_stimulations": 0, "gene_mean_median": 0.2,
        "grn_weight_median": 0.6, "grn_mean_out_degree": 30, "regulator_strength_log_sd": 0.6}
@@ -41,12 +44,18 @@ ENTRY = {"columns": {"perturbation": "perturbation", "control": "control",
          "perturbation_type": "genetic"}
 
 
+def dataset_entry(cells: int) -> DatasetEntry:
+    return DatasetEntry.parse("sim_genetic", {
+        **ENTRY, "source": {"simulate": {**SIM, "n_cells": cells, "seed": 0}},
+        "split": {"kind": "heldout_perturbations", "n_test_perturbations": 4}})
+
+
 def load_data(cells: int, cache: Path) -> ad.AnnData:
     path = cache / f"sim_genetic_{cells}.h5ad"
     if path.exists():
         return ad.read_h5ad(path)
     raw = simulate_dataset(params_from_dict({**SIM, "n_cells": cells, "seed": 0}))
-    adata = preprocess(raw, ENTRY, "sim_genetic", "simulated")
+    adata = preprocess(raw, dataset_entry(cells), "simulated")
     cache.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(path)
     return adata
@@ -55,13 +64,12 @@ def load_data(cells: int, cache: Path) -> ad.AnnData:
 def delta_pearson(pred: ad.AnnData, truth: ad.AnnData) -> dict[str, float]:
     """Pearson of predicted vs true (condition mean - context control mean), per condition."""
     out = {}
-    real_ctrl = truth.obs["is_real_control"].to_numpy()
+    real_ctrl = truth.obs["is_real_control"].to_numpy()  # predictions hold predicted cells only
     for (ctx, pert), _ in truth.obs[~real_ctrl].groupby(["context", "perturbation"],
                                                          observed=True):
         ctrl = truth.X[real_ctrl & (truth.obs["context"] == ctx).to_numpy()].mean(axis=0)
         sel = ((truth.obs["context"] == ctx) & (truth.obs["perturbation"] == pert)).to_numpy()
-        psel = ((pred.obs["context"] == ctx) & (pred.obs["perturbation"] == pert)
-                & ~pred.obs["is_real_control"]).to_numpy()
+        psel = ((pred.obs["context"] == ctx) & (pred.obs["perturbation"] == pert)).to_numpy()
         t = np.asarray(truth.X[sel].mean(axis=0) - ctrl).ravel()
         p = np.asarray(pred.X[psel].mean(axis=0) - ctrl).ravel()
         out[f"{ctx}/{pert}"] = float(np.corrcoef(t, p)[0, 1])
@@ -84,15 +92,15 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     adata = load_data(args.cells, args.cache)
-    split = make_split(adata.obs, {"kind": "heldout_perturbations", "n_test_perturbations": 4},
-                       seed=0)
-    features = compute_features(adata, split, ENTRY, n_components=16, seed=0)
+    entry = dataset_entry(args.cells)
+    split = make_split(adata.obs, entry.split, seed=0)
+    features = compute_features(adata, split, entry, n_components=16, seed=0)
     truth = build_truth(adata, split)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pre = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=tmp,
+        pre = training_data(adata, split, features, seed=0, entry=entry, workdir=tmp,
                             include_control_input=True)
-        data = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=tmp)
+        data = training_data(adata, split, features, seed=0, entry=entry, workdir=tmp)
         print(f"data: {adata.n_vars} genes; pretrain on {pre.counts.shape[0]} cells, fit on "
               f"{data.counts.shape[0]}; {len(split.test_conditions())} test conditions, "
               f"{int(split.test_conditions()['n_cells'].sum())} cells to predict; "
@@ -103,7 +111,7 @@ def main() -> None:
         t1 = time.perf_counter()
         model.fit(data, init=work / "pretrain.pt")
         t2 = time.perf_counter()
-        pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
+        pred = predict_conditions(model, adata, split, seed=0, progress=False)
         t3 = time.perf_counter()
     print(f"autoencoder {t1 - t0:.1f} s, latent flow {t2 - t1:.1f} s (fit total "
           f"{t2 - t1:.1f} s incl. encoding), sampling {t3 - t2:.1f} s")
@@ -113,21 +121,20 @@ def main() -> None:
     if not args.no_linear:
         linear = LinearModel()
         linear.fit(data)
-        base = delta_pearson(predict_conditions(linear, adata, split, truth, seed=0,
+        base = delta_pearson(predict_conditions(linear, adata, split, seed=0,
                                                 progress=False), truth)
     for key, value in ours.items():
         print(f"  {key:24s} pearson_delta scldm {value:+.3f}  linear {base.get(key, np.nan):+.3f}")
     print(f"mean pearson_delta scldm {np.mean(list(ours.values())):+.3f}  linear "
           f"{np.mean(list(base.values())) if base else np.nan:+.3f}")
     for w in args.guidance:
-        model.cfg["guidance"] = w
+        model.set_sampling({"guidance": w})
         t0 = time.perf_counter()
-        other = predict_conditions(model, adata, split, truth, seed=0, progress=False)
+        other = predict_conditions(model, adata, split, seed=0, progress=False)
         print(f"guidance {w}: mean pearson_delta scldm "
               f"{np.mean(list(delta_pearson(other, truth).values())):+.3f} "
               f"(sampling {time.perf_counter() - t0:.1f} s)")
-    x = np.asarray(pred.X[~pred.obs["is_real_control"].to_numpy()].todense()
-                   if hasattr(pred.X, "todense") else pred.X)
+    x = np.asarray(pred.X.todense() if hasattr(pred.X, "todense") else pred.X)
     real = truth.X[~truth.obs["is_real_control"].to_numpy()]
     real = real.toarray() if hasattr(real, "toarray") else real
     print(f"fraction of zeros: predicted {np.mean(x == 0):.3f}, true {np.mean(real == 0):.3f}; "

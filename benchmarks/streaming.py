@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+# The dataset entry (as in a config file, without source and split: main() adds them).
 ENTRY = {
     "columns": {"perturbation": "target_gene", "control": "non-targeting", "context": None,
                 "context_label": "H1", "batch": "gem_group"},
@@ -111,12 +112,14 @@ def simulate_raw(path: Path, n_cells: int, n_genes: int, n_targets: int, library
 # ------------------------------------------------------------------------------------ loader
 def loader_benchmark(tokens: Path, processed: Path, cells: Path, batches: int, batch_size: int,
                      baseline_cells: int, seed: int) -> dict:
-    """Median time of a random training batch read from disk, and from memory."""
+    """Median time of a random training batch read from disk, and from memory.
+
+    cells: the split's ``cells.tsv`` (in the split folder)."""
     import anndata as ad
     import torch
 
     from lingshu.data.tokenstore import TokenStore
-    from lingshu.models.lingshu_cell import token_batch
+    from lingshu.models.mddm.model import token_batch
 
     backed = ad.read_h5ad(processed, backed="r")
     in_train = pd.read_csv(cells, sep="\t", usecols=["in_train"])["in_train"].to_numpy(bool)
@@ -216,12 +219,18 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     raw, processed, tokens = work / "raw.h5ad", work / "processed.h5ad", work / "tokens"
-    cells, conditions = work / "cells.tsv", work / "conditions.tsv"
-    features = work / "features.tsv"
+    split_dir = work / "split"
+    cells = split_dir / "cells.tsv"
+    features, features_used = work / "features.tsv", work / "features_used.tsv"
     split = dict(SPLIT, n_test_perturbations=min(100, args.targets // 3))
+    from lingshu.config import DatasetEntry
+
+    # what the rules pass: the whole entry as JSON, the dataset's name included
+    entry = DatasetEntry.parse("bench", dict(ENTRY, source={"path": str(raw)}, split=split),
+                               source="benchmarks/streaming.py").to_json()
     py, me = sys.executable, str(Path(__file__).resolve())
     lingshu = [py, "-m", "lingshu"]
-    data = ["--processed", str(processed), "--cells", str(cells), "--conditions", str(conditions)]
+    data = ["--processed", str(processed), "--split", str(split_dir)]
     print(f"streaming benchmark: {args.cells:,} cells x {args.genes:,} genes, "
           f"{args.targets} targets, in {work}\nmachine: {platform.machine()}, "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
@@ -235,16 +244,16 @@ def main() -> None:
              "n_targets": args.targets, "library_size": args.library_size, "seed": args.seed})],
             args.cells, logs))
     rows.append(run_stage("preprocess", lingshu + [
-        "preprocess", "--raw", str(raw), "--entry", json.dumps(ENTRY), "--dataset", "bench",
-        "--out", str(processed)], args.cells, logs))
+        "preprocess", "--raw", str(raw), "--entry", entry, "--out", str(processed)],
+        args.cells, logs))
     rows.append(run_stage("split", lingshu + [
-        "split", "--processed", str(processed), "--spec", json.dumps(split), "--seed",
-        str(args.seed), "--cells", str(cells), "--conditions", str(conditions)], args.cells, logs))
+        "split", "--processed", str(processed), "--entry", entry, "--seed", str(args.seed),
+        "--out", str(split_dir)], args.cells, logs))
     rows.append(run_stage("tokenize", lingshu + [
         "tokenize", "--processed", str(processed), "--out", str(tokens)], args.cells, logs))
     rows.append(run_stage("features", lingshu + [
-        "features", *data, "--entry", json.dumps(ENTRY), "--seed", str(args.seed),
-        "--out", str(features)], args.cells, logs))
+        "features", *data, "--entry", entry, "--seed", str(args.seed),
+        "--out", str(features), "--out-used", str(features_used)], args.cells, logs))
     rows.append(run_stage("loader", [py, me, "--_stage", "loader", "--_args", json.dumps(
         {"tokens": str(tokens), "processed": str(processed), "cells": str(cells),
          "batches": args.batches, "batch_size": args.batch_size,
@@ -254,19 +263,19 @@ def main() -> None:
               "warmup_steps": 1, "checkpoint_every": 1000, "device": "cpu"}
     rows.append(run_stage("fit", lingshu + [
         "fit", *data, "--features", str(features), "--model", "lingshu", "--params",
-        json.dumps(params), "--entry", json.dumps(ENTRY), "--seed", str(args.seed), "--threads",
+        json.dumps(params), "--entry", entry, "--seed", str(args.seed), "--threads",
         "2", "--workdir", str(work / "model"), "--tokens", str(tokens), "--out",
         str(work / "model" / "model.npz")], args.cells, logs))
     for model in ("perturbation_mean", "linear"):
         rows.append(run_stage(f"fit {model}", lingshu + [
             "fit", *data, "--features", str(features), "--model", model, "--entry",
-            json.dumps(ENTRY), "--seed", str(args.seed), "--threads", "2", "--out",
+            entry, "--seed", str(args.seed), "--threads", "2", "--out",
             str(work / model / "model.npz")], args.cells, logs))
     scldm = {"preset": "tiny", "ae_steps": args.fit_steps, "ae_batch_size": args.fit_batch,
              "warmup_steps": 1, "checkpoint_every": 1000, "device": "cpu"}
     rows.append(run_stage("pretrain scldm", lingshu + [
         "pretrain", *data, "--features", str(features), "--model", "scldm", "--params",
-        json.dumps(scldm), "--entry", json.dumps(ENTRY), "--seed", str(args.seed), "--threads",
+        json.dumps(scldm), "--entry", entry, "--seed", str(args.seed), "--threads",
         "2", "--workdir", str(work / "scldm"), "--out", str(work / "scldm" / "pretrain.pt")],
         args.cells, logs))
     fit_log = (logs / "fit.log").read_text()

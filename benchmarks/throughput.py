@@ -8,7 +8,7 @@ Per preset, on simulated count tokens (negative binomial counts, ~85 % zeros, dr
 gene means of :mod:`lingshu.data.simulate` and quantised by :func:`lingshu.tokens.quantize_counts`):
 
 - training: median over ``--repeats`` timed optimiser steps (after ``--warmup`` steps) of one full
-  step as :func:`lingshu.models.mddm.train.train` does it: mask, forward (bf16 autocast on CUDA),
+  step as :func:`lingshu.models.training.train` does it: mask, forward (bf16 autocast on CUDA),
   diffusion loss, backward, grad-norm clip 1.0, AdamW (decay on matrices only), EMA update.
   Cells/s, model TFLOP/s (``estimate_flops_per_cell``) and MFU against ``--peak-tflops``
   (default 989, dense bf16 of an H100/H200, on CUDA; on the CPU only when given);
@@ -47,10 +47,11 @@ import time
 import numpy as np
 import torch
 
-from lingshu.data.simulate import SimulationParams, _draw_gene_means, sample_negative_binomial
+from lingshu.data.simulate import SimulationParams, _draw_gene_means
+from lingshu.stats import sample_negative_binomial
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, config_from_preset
-from lingshu.models.mddm.train import EMA, param_groups
+from lingshu.models.training import EMA, param_groups
 from lingshu.tokens import quantize_counts
 
 PAPER_GENES = 18_080

@@ -1,2 +1,4 @@
-"""Models of the benchmark. Every model implements :class:`lingshu.models.base.PerturbationModel`
-and is registered by name in :data:`lingshu.models.registry.MODELS`."""
+"""Models of the benchmark: one package per model (its adapter in ``model.py``, its record in
+``spec.py``), the interface they implement (:mod:`lingshu.models.base`), the harness between
+files and models (:mod:`lingshu.models.harness`) and the shared training loop
+(:mod:`lingshu.models.training`)."""

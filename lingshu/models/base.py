@@ -37,7 +37,7 @@ class TrainingData:
     obs: (n_cells,) DataFrame with ``perturbation`` and ``context`` (controls are ``control``).
     genes: (n_genes,) gene symbols in the order of the columns.
     features: perturbation features for every perturbation the model may be asked about
-        (index = perturbation label; see :mod:`lingshu.models.features`), or None.
+        (index = perturbation label; see :mod:`lingshu.data.features`), or None.
     seed: the seed every random choice of the model derives from.
     targets: perturbation label -> its target genes that are in the panel (genetic
         perturbations; empty for stimulations and for targets outside the panel), for every
@@ -46,7 +46,7 @@ class TrainingData:
     workdir: a folder the model may keep resumable training state in (or None).
     threads: CPU threads the model may use.
     tokens: the training cells' count tokens on disk
-        (:class:`lingshu.data.tokenstore.TokenStore`), for models in ``registry.TOKENISED``;
+        (:class:`lingshu.data.tokenstore.TokenStore`), for models whose spec says ``tokens``;
         ``counts`` is then None (never loaded).
     """
 
@@ -120,11 +120,26 @@ class PerturbationModel(ABC):
         for condition in tqdm(conditions, desc=f"predict {self.name}", disable=not progress):
             yield self.predict(condition, rng)
 
+    def set_sampling(self, params: dict[str, Any]) -> None:
+        """Apply a run's sampling settings (its spec's ``sampling_keys``, e.g. guidance) to a
+        fitted or pre-trained model, before it predicts or generates.
+
+        The default sets them in ``self.cfg``, the settings dict of models that have one.
+        """
+        if not params:
+            return
+        cfg = getattr(self, "cfg", None)
+        unknown = sorted(set(params) - set(cfg or {}))
+        if cfg is None or unknown:
+            raise ValueError(f"{self.name}: {unknown or sorted(params)} are not settings of "
+                             "this model")
+        cfg.update(params)
+
     def generate(self, n_cells: int, rng: np.random.Generator,
                  progress: bool = False) -> np.ndarray:
         """Return (n_cells, n_genes) raw counts of unconditionally generated cells.
 
-        Only generative models (``registry.GENERATIVE``) implement it.
+        Only generative models (their spec's ``generates_from``) implement it.
         """
         raise NotImplementedError(f"{self.name} does not generate cells unconditionally")
 

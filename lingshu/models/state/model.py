@@ -55,6 +55,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.features import SOURCE_COL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.io import atomic_path, write_h5ad_streaming
 from lingshu.models.base import (
@@ -63,7 +64,6 @@ from lingshu.models.base import (
     TrainingData,
     model_workdir,
 )
-from lingshu.models.features import SOURCE_COL
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class StateModel(PerturbationModel):
     def _loss_curve(run_dir: Path, png: Path) -> float | None:
         """Plot STATE's logged training loss (its CSV logger's metrics.csv) to ``png``;
         return the last logged loss (None when nothing was logged)."""
-        from lingshu.models.mddm.train import plot_loss_curve
+        from lingshu.models.training import plot_loss_curve
 
         logs = sorted(run_dir.glob("version_*/metrics.csv"))
         if not logs:

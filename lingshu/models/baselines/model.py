@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.features import feature_matrix
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.rows import group_means
 from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData
-from lingshu.models.features import feature_matrix
 
 
 def _control_profile(condition: ConditionInput) -> np.ndarray:
@@ -126,7 +126,7 @@ class LinearModel(PerturbationModel):
     name = "linear"
 
     def fit(self, data: TrainingData) -> None:
-        from lingshu.models.features import embedding_rows, gene_embedding
+        from lingshu.data.features import embedding_rows, gene_embedding
 
         ridge = float(self.params.get("ridge", 0.1))
         n_components = int(self.params.get("n_components", 16))

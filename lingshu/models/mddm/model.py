@@ -3,7 +3,7 @@
 The data layer of the model: it turns raw counts into count tokens (SPEC 1.1), conditions into
 indices, and sampled tokens back into log1p(CP10k) cells. The network
 (:mod:`lingshu.models.mddm.network`), the diffusion process (:mod:`.mddm.diffusion`) and the
-training loop (:mod:`.mddm.train`) never see AnnData.
+training loop (:mod:`lingshu.models.training`) never see AnnData.
 
 Regime (SPEC 1.3): :meth:`LingshuCell.pretrain` trains an unconditional model on every cell
 that is not held-out truth (training cells and the control input cells); :meth:`fit` starts a
@@ -12,7 +12,10 @@ tokens (context, perturbation). Perturbations never seen in training reach the m
 their target genes' learned gene-identity embeddings (SPEC 1.2a); to teach that path, the
 identity of a training perturbation that has targets in the panel is hidden with probability
 ``identity_dropout``. Sampling (SPEC 1.4): N unmasking steps with classifier-free guidance
-against the control condition of the same context.
+against the control condition of the same context. The sampling settings (``guidance``,
+``sample_steps``, ``sample_batch``, ``unconditional_steps``, ``prior_injection``; see
+:mod:`lingshu.models.mddm.spec`) are read only when sampling, so a fitted model is sampled
+with any of them without training again.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.data.download import sha256_file
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.tokenstore import TokenStore
+from lingshu.io import sha256_file
 from lingshu.models.base import (
     ConditionInput,
     PerturbationModel,
@@ -38,8 +41,14 @@ from lingshu.models.base import (
     is_main_process,
 )
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
-from lingshu.models.mddm.network import PRESETS, LingshuNetwork, NetworkConfig, config_from_preset
-from lingshu.models.mddm.train import (
+from lingshu.models.mddm.network import (
+    PRESETS,
+    LingshuNetwork,
+    NetworkConfig,
+    config_from_preset,
+)
+from lingshu.models.mddm.spec import SPECS
+from lingshu.models.training import (
     TrainConfig,
     ema_weights,
     load_checkpoint,
@@ -74,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "compile": False,  # torch.compile the network for training (GPU runs)
 }
 
+SAMPLING_KEYS = SPECS[0].sampling_keys
 PRETRAIN_FORMAT = "lingshu-cell-pretrain/1"
 PRIOR_TOKEN = 1  # the token of count 1 (quantize_counts is exact below 100)
 
@@ -123,6 +133,18 @@ class LingshuCell(PerturbationModel):
                              f"choose one of {sorted(PRESETS)}")
         self.device = _device(self.cfg["device"])
 
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that shape training (what resumable state is tied to): all but the
+        sampling settings."""
+        return {k: v for k, v in self.cfg.items() if k not in SAMPLING_KEYS}
+
+    def guidance(self) -> float:
+        """The guidance weight w: the configured one, else SPEC 1.4's 2 for genetic and 3 for
+        stimulation data."""
+        if self.cfg["guidance"] is not None:
+            return float(self.cfg["guidance"])
+        return 2.0 if self.perturbation_type == "genetic" else 3.0
+
     # ------------------------------------------------------------------ configuration
     def _network_config(self, n_genes: int, seed: int, **conditions: int) -> NetworkConfig:
         # The same seed in pre-training and fine-tuning gives the same gene permutation.
@@ -159,7 +181,8 @@ class LingshuCell(PerturbationModel):
                        self._train_config(self.cfg["pretrain_steps"], data.seed),
                        workdir / "pretrain_state.pt", device=self.device,
                        loss_curve_path=workdir / "pretrain_loss.png",
-                       fingerprint=data_fingerprint(data, stage="pretrain", params=self.cfg))
+                       fingerprint=data_fingerprint(data, stage="pretrain",
+                                                    params=self.training_settings()))
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         if not is_main_process():  # under torchrun every rank trained; rank 0 writes
@@ -184,8 +207,7 @@ class LingshuCell(PerturbationModel):
         self.perturbations = seen  # identity index = position + 1 (0 is UNKNOWN)
         self.targets = {p: [gene_index[g] for g in t] for p, t in data.targets.items()}
         self.max_targets = max([len(t) for t in self.targets.values()] + [1])
-        self.guidance = (self.cfg["guidance"] if self.cfg["guidance"] is not None
-                         else (2.0 if data.perturbation_type == "genetic" else 3.0))
+        self.perturbation_type = data.perturbation_type
 
         tokens = training_tokens(data)
         ctx = torch.tensor([self.contexts.index(c) for c in data.obs[CONTEXT_COL]])
@@ -224,7 +246,7 @@ class LingshuCell(PerturbationModel):
                        init_state_dict=init_state,
                        loss_curve_path=workdir / "finetune_loss.png",
                        fingerprint=data_fingerprint(
-                           data, stage="finetune", params=self.cfg,
+                           data, stage="finetune", params=self.training_settings(),
                            init=sha256_file(init) if init is not None else None))
         log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
@@ -278,7 +300,7 @@ class LingshuCell(PerturbationModel):
         for start in range(0, condition.n_cells, int(self.cfg["sample_batch"])):
             n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
-                         cond=cond, uncond=uncond, guidance=float(self.guidance), select=True,
+                         cond=cond, uncond=uncond, guidance=self.guidance(), select=True,
                          **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
@@ -324,13 +346,18 @@ class LingshuCell(PerturbationModel):
                   for k, v in self.net.state_dict().items()}
         meta = {"network": asdict(self.net_cfg), "genes": self.genes, "contexts": self.contexts,
                 "perturbations": self.perturbations, "targets": self.targets,
-                "max_targets": self.max_targets, "guidance": self.guidance}
+                "max_targets": self.max_targets, "perturbation_type": self.perturbation_type}
         return arrays, meta
 
     def set_state(self, arrays, meta):
         self.genes, self.contexts = meta["genes"], meta["contexts"]
         self.perturbations, self.max_targets = meta["perturbations"], meta["max_targets"]
-        self.targets, self.guidance = meta["targets"], meta["guidance"]
+        self.targets = meta["targets"]
+        if "perturbation_type" not in meta:
+            raise ValueError("lingshu: this model file was written by an older version of the "
+                             "benchmark (it stores a guidance weight instead of the data's "
+                             "perturbation type); delete it and re-run its fit rule")
+        self.perturbation_type = meta["perturbation_type"]
         self.net_cfg = NetworkConfig(**meta["network"])
         net = LingshuNetwork(self.net_cfg)
         state = net.state_dict()

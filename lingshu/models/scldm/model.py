@@ -2,11 +2,12 @@
 
 The data layer of the model: it turns raw counts into dense count batches, labels into
 condition indices and perturbation features, and sampled latents back into log1p(CP10k)
-cells. The networks (:mod:`lingshu.models.scldm`) never see AnnData; both stages train with
-the shared loop of :mod:`lingshu.models.mddm.train` (AdamW, warm-up + cosine LR, EMA,
+cells. The networks (:mod:`.autoencoder`, :mod:`.latent`) never see AnnData; both stages
+train with the shared loop of :mod:`lingshu.models.training` (AdamW, warm-up + cosine LR, EMA,
 atomic resumable checkpoints, a progress bar).
 
-Regime (SPEC 3, mapped onto the pipeline's two stages):
+Regime (SPEC 3, mapped onto the pipeline's two stages; the sampling settings ``guidance``, ``sample_steps``,
+``sample_batch`` and ``output`` are read only when sampling, see :mod:`.spec`):
 
 - :meth:`ScLDM.pretrain` trains the autoencoder (stage 1) on ``data`` (in the pipeline: the
   training cells and the control input cells) and writes a torch checkpoint with its EMA
@@ -49,10 +50,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL, TARGET_SUM
-from lingshu.data.download import sha256_file
+from lingshu.data.features import SOURCE_COL, feature_matrix
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.rows import CountRows, column_sums, row_sums
-from lingshu.data.simulate import sample_negative_binomial
+from lingshu.io import sha256_file
 from lingshu.models.base import (
     ConditionInput,
     PerturbationModel,
@@ -60,20 +61,26 @@ from lingshu.models.base import (
     data_fingerprint,
     model_workdir,
 )
-from lingshu.models.features import SOURCE_COL, feature_matrix
-from lingshu.models.mddm.train import (
+from lingshu.models.scldm.autoencoder import (
+    AutoencoderConfig,
+    ScLDMAutoencoder,
+    reconstruction_pearson,
+)
+from lingshu.models.scldm.latent import (
+    DiTConfig,
+    LatentDiT,
+    euler_sample,
+    flow_matching_loss,
+)
+from lingshu.models.scldm.spec import SPECS
+from lingshu.models.training import (
     TrainConfig,
     ema_weights,
     load_checkpoint,
     save_checkpoint,
     train,
 )
-from lingshu.models.scldm.autoencoder import (
-    AutoencoderConfig,
-    ScLDMAutoencoder,
-    reconstruction_pearson,
-)
-from lingshu.models.scldm.latent import DiTConfig, LatentDiT, euler_sample, flow_matching_loss
+from lingshu.stats import sample_negative_binomial
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +167,17 @@ class ScLDM(PerturbationModel):
         self.device = _device(self.cfg["device"])
         self.meta: dict[str, Any] = {}
 
+    def set_sampling(self, params: dict[str, Any]) -> None:
+        """Sampling settings on top of the preset's (None keeps the preset's value)."""
+        given = {k: v for k, v in params.items() if v is not None}
+        if "output" in given and given["output"] not in OUTPUTS:
+            raise ValueError(f"scldm: output must be one of {OUTPUTS}, got {given['output']!r}")
+        super().set_sampling(given)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that shape training (what resumable state is tied to)."""
+        return {k: v for k, v in self.cfg.items() if k not in SPECS[0].sampling_keys}
+
     # ------------------------------------------------------------------ configuration
     def _autoencoder_config(self, n_genes: int) -> AutoencoderConfig:
         keys = ("d_model", "n_heads", "latent_tokens", "latent_dim", "encoder_layers",
@@ -215,7 +233,7 @@ class ScLDM(PerturbationModel):
                            state_path, device=self.device,
                            loss_curve_path=workdir / "autoencoder_loss.png",
                            fingerprint=data_fingerprint(data, stage="autoencoder",
-                                                        params=self.cfg))
+                                                        params=self.training_settings()))
             weights = ema_weights(load_checkpoint(state_path))
         ae.load_state_dict(weights)
         ae.eval()
@@ -317,7 +335,8 @@ class ScLDM(PerturbationModel):
             result = train(dit, loss_fn, sample_batch, self._train_config("flow", data.seed + 1),
                            workdir / "flow_state.pt", device=self.device,
                            loss_curve_path=workdir / "flow_loss.png",
-                           fingerprint=data_fingerprint(data, stage="flow", params=self.cfg,
+                           fingerprint=data_fingerprint(data, stage="flow",
+                                                        params=self.training_settings(),
                                                         init=sha256_file(init)))
             dit.load_state_dict(ema_weights(load_checkpoint(workdir / "flow_state.pt")))
         self.dit = dit.to(self.device).eval()

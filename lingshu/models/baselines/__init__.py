@@ -1,0 +1,1 @@
+"""The reference baselines (control mean, perturbation mean, linear); classes in ``model``."""

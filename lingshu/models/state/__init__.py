@@ -1,0 +1,1 @@
+"""STATE (Arc Institute), trained and run by the ``arc-state`` package; the adapter is ``model``."""
