@@ -1,8 +1,9 @@
 """Raw h5ad -> canonical processed AnnData: validation, QC, gene alignment, canonical obs.
 
-A dataset entry of the config (validated by the JSON schema, defaults filled) says which obs
-columns hold the perturbation, the context and the batch, which label marks control cells,
-where the raw counts are (``X`` or a layer), the QC thresholds and an optional gene list.
+A dataset entry (:class:`~lingshu.config.DatasetEntry`: validated, every default filled) says
+which obs columns hold the perturbation, the context and the batch, which label marks control
+cells, where the raw counts are (``X`` or a layer), the QC thresholds and an optional gene list;
+its ``name`` is the dataset's name.
 
 - :func:`read_raw` reads the file, checking obs/var against the entry before loading counts.
 - :func:`validate_raw` raises :class:`~lingshu.errors.InputError` for every bad input we know
@@ -35,6 +36,7 @@ import scipy.sparse as sp
 from anndata.abc import CSCDataset, CSRDataset
 from tqdm import tqdm
 
+from lingshu.config import QC, DatasetEntry
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.errors import input_error
 from lingshu.io import atomic_path, write_h5ad, write_h5ad_streaming
@@ -46,26 +48,10 @@ INT32_MAX = np.iinfo(np.int32).max
 N_SHOWN = 8  # how many offending labels / genes / conditions an error message lists
 MITO_PREFIX = "MT-"  # human mitochondrial genes; matched case-insensitively so mouse `mt-` works too
 
-_QC_DEFAULTS = {"min_counts_per_cell": 0, "min_genes_per_cell": 0, "min_cells_per_gene": 0, "max_pct_mito": None}
-
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers on the entry
 # ---------------------------------------------------------------------------------------------
-
-
-def _columns(entry: dict) -> dict:
-    """The entry's ``columns`` mapping (empty when absent)."""
-    return entry.get("columns") or {}
-
-
-def _control_label(entry: dict) -> str:
-    """The control label as a string (YAML may give numbers, obs labels are compared as str)."""
-    return str(_columns(entry).get("control", CONTROL))
-
-
-def _min_cells(entry: dict) -> int:
-    return int(entry.get("min_cells_per_condition", 10) or 0)
 
 
 def _shown(items: list[Any]) -> str:
@@ -74,9 +60,9 @@ def _shown(items: list[Any]) -> str:
     return head + (f" (+{len(items) - N_SHOWN} more)" if len(items) > N_SHOWN else "")
 
 
-def _counts_field(entry: dict) -> str:
+def _counts_field(entry: DatasetEntry) -> str:
     """How error messages name the matrix holding the counts."""
-    layer = entry.get("layer")
+    layer = entry.layer
     return f"layers[{layer!r}] (config `layer`)" if layer else "X"
 
 
@@ -85,15 +71,15 @@ def _counts_field(entry: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_obs_columns(obs: pd.DataFrame, entry: dict, path: str) -> None:
+def _check_obs_columns(obs: pd.DataFrame, entry: DatasetEntry, path: str) -> None:
     """Every obs column named by ``columns.*`` must exist; ``columns.perturbation`` is required."""
-    cols = _columns(entry)
+    cols = entry.columns
     available = _shown(list(obs.columns)) or "(none)"
-    if not cols.get("perturbation"):
+    if not cols.perturbation:
         raise input_error(path, "columns.perturbation", "no obs column is named for the perturbation label",
                           f"set `columns.perturbation` to one of the obs columns: {available}")
     for key in ("perturbation", "context", "batch"):
-        name = cols.get(key)
+        name = getattr(cols, key)
         if name and name not in obs.columns:
             raise input_error(
                 path, f"columns.{key}",
@@ -104,11 +90,10 @@ def _check_obs_columns(obs: pd.DataFrame, entry: dict, path: str) -> None:
             )
 
 
-def _check_no_missing_labels(obs: pd.DataFrame, entry: dict, path: str) -> None:
+def _check_no_missing_labels(obs: pd.DataFrame, entry: DatasetEntry, path: str) -> None:
     """Label columns must not hold NaN: a cell without a label cannot be placed in a condition."""
-    cols = _columns(entry)
     for key in ("perturbation", "context", "batch"):
-        name = cols.get(key)
+        name = getattr(entry.columns, key)
         if name:
             n_missing = int(obs[name].isna().sum())
             if n_missing:
@@ -117,10 +102,10 @@ def _check_no_missing_labels(obs: pd.DataFrame, entry: dict, path: str) -> None:
                                   "label every cell, or remove the unlabelled cells from the file")
 
 
-def _check_control(obs: pd.DataFrame, entry: dict, path: str) -> None:
+def _check_control(obs: pd.DataFrame, entry: DatasetEntry, path: str) -> None:
     """Control cells must exist, and no other perturbation may be literally named ``control``."""
-    col = _columns(entry)["perturbation"]
-    control = _control_label(entry)
+    col = entry.columns.perturbation
+    control = entry.columns.control
     counts = obs[col].astype(str).value_counts()
     if control not in counts.index:
         top = [f"{label} ({n} cells)" for label, n in counts.head(N_SHOWN).items()]
@@ -181,20 +166,21 @@ def _check_not_empty(n_obs: int, n_vars: int, path: str, when: str, field: str =
         raise input_error(path, field, f"the dataset is empty {when} ({n_obs} cells x {n_vars} genes)", fix)
 
 
-def _validate_metadata(obs: pd.DataFrame, var_names: pd.Index, entry: dict, path: str) -> None:
+def _validate_metadata(obs: pd.DataFrame, var_names: pd.Index, entry: DatasetEntry,
+                       path: str) -> None:
     """All checks that need only obs and var (run before the counts are loaded)."""
     _check_not_empty(len(obs), len(var_names), path, "in the raw file", field="X")
     _check_obs_columns(obs, entry, path)
     _check_no_missing_labels(obs, entry, path)
     _check_control(obs, entry, path)
     _check_genes(pd.Index(var_names), path)
-    if not entry.get("drop_small_conditions", False):
-        cols = _columns(entry)
-        sizes = _condition_sizes(obs, cols["perturbation"], cols.get("context"),
-                                 str(cols.get("context_label") or "(single context)"))
-        small = _small_conditions(sizes, _min_cells(entry))
+    if not entry.drop_small_conditions:
+        cols = entry.columns
+        sizes = _condition_sizes(obs, cols.perturbation, cols.context,
+                                 cols.context_label or "(single context)")
+        small = _small_conditions(sizes, entry.min_cells_per_condition)
         if len(small):
-            _raise_small(small, _min_cells(entry), path, "in the raw data")
+            _raise_small(small, entry.min_cells_per_condition, path, "in the raw data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +188,9 @@ def _validate_metadata(obs: pd.DataFrame, var_names: pd.Index, entry: dict, path
 # ---------------------------------------------------------------------------------------------
 
 
-def _counts_matrix(adata: ad.AnnData, entry: dict, path: str) -> Any:
-    """The matrix holding raw counts: ``layers[entry['layer']]`` or ``X``."""
-    layer = entry.get("layer")
+def _counts_matrix(adata: ad.AnnData, entry: DatasetEntry, path: str) -> Any:
+    """The matrix holding raw counts: ``layers[entry.layer]`` or ``X``."""
+    layer = entry.layer
     if layer:
         if layer not in adata.layers:
             raise input_error(path, "layer", f"layer {layer!r} is not in the file; available layers: "
@@ -254,7 +240,8 @@ def _n_blocks(X: Any) -> int:
     return -(-n // BLOCK_ELEMENTS)
 
 
-def _check_counts(X: Any, entry: dict, path: str, progress: bool = False, layers: list[str] | None = None) -> None:
+def _check_counts(X: Any, entry: DatasetEntry, path: str, progress: bool = False,
+                  layers: list[str] | None = None) -> None:
     """Counts must be finite, non-negative integers that fit in int32.
 
     ``layers`` (the file's layer names) are suggested in the fix, since raw counts often sit
@@ -285,10 +272,11 @@ def _check_counts(X: Any, entry: dict, path: str, progress: bool = False, layers
     _raise_count_errors(n_bad, example, vmax, entry, path, layers or [])
 
 
-def _raise_count_errors(n_bad: dict, example: dict, vmax: float, entry: dict, path: str, layers: list[str]) -> None:
+def _raise_count_errors(n_bad: dict, example: dict, vmax: float, entry: DatasetEntry, path: str,
+                        layers: list[str]) -> None:
     """Turn the tallies of :func:`_check_counts` into the first relevant InputError."""
     field = _counts_field(entry)
-    others = [name for name in layers if name != entry.get("layer")]
+    others = [name for name in layers if name != entry.layer]
     use_layer = ("set `layer` to the layer holding raw integer UMI counts"
                  + (f" (layers in the file: {_shown(others)})" if others else "")
                  + ", or supply the raw count matrix")
@@ -307,7 +295,7 @@ def _raise_count_errors(n_bad: dict, example: dict, vmax: float, entry: dict, pa
                           "check that the matrix holds per-cell UMI counts")
 
 
-def validate_raw(adata: ad.AnnData, entry: dict, path: str) -> None:
+def validate_raw(adata: ad.AnnData, entry: DatasetEntry, path: str) -> None:
     """Check a raw AnnData against its dataset entry; raise InputError on the first problem.
 
     Checks: obs columns named by ``columns.*`` exist (and have no NaN labels), control cells
@@ -337,11 +325,11 @@ def _open_h5(path: str) -> h5py.File:
                           "provide an .h5ad file written by anndata (`adata.write_h5ad(...)`)") from exc
 
 
-def read_raw(path: str, entry: dict) -> ad.AnnData:
+def read_raw(path: str, entry: DatasetEntry) -> ad.AnnData:
     """Read the raw h5ad at ``path`` into memory, validating obs and var before any counts.
 
     Only what preprocessing needs is loaded: obs, var, uns, obsm and the counts matrix (``X``,
-    or only ``layers[entry['layer']]`` when a layer is named, leaving ``X`` empty). Files of
+    or only ``layers[entry.layer]`` when a layer is named, leaving ``X`` empty). Files of
     the old (pre-0.7) anndata layout are opened backed instead, validated, then loaded.
     Count values are checked later by :func:`validate_raw` / :func:`preprocess`.
     """
@@ -351,7 +339,7 @@ def read_raw(path: str, entry: dict) -> ad.AnnData:
         obs = ad.io.read_elem(f["obs"])
         var = ad.io.read_elem(f["var"])
         _validate_metadata(obs, var.index, entry, path)
-        layer = entry.get("layer")
+        layer = entry.layer
         key = f"layers/{layer}" if layer else "X"
         if key not in f:
             available = list(f["layers"].keys()) if "layers" in f else []
@@ -365,7 +353,7 @@ def read_raw(path: str, entry: dict) -> ad.AnnData:
     return ad.AnnData(X=counts, obs=obs, var=var, uns=uns, obsm=obsm)
 
 
-def _read_raw_backed(path: str, entry: dict) -> ad.AnnData:
+def _read_raw_backed(path: str, entry: DatasetEntry) -> ad.AnnData:
     """Fallback for layouts read_elem cannot read piecewise: open backed, validate, load."""
     adata = ad.read_h5ad(path, backed="r")
     try:
@@ -381,25 +369,24 @@ def _read_raw_backed(path: str, entry: dict) -> ad.AnnData:
 # ---------------------------------------------------------------------------------------------
 
 
-def _canonical_obs(obs: pd.DataFrame, entry: dict, dataset: str) -> pd.DataFrame:
+def _canonical_obs(obs: pd.DataFrame, entry: DatasetEntry) -> pd.DataFrame:
     """A copy of ``obs`` with canonical ``perturbation``, ``context`` and ``batch`` (str) columns.
 
     An original column that already bears a canonical name but is not the configured source
     for it (e.g. a ``perturbation`` column when ``columns.perturbation: condition``) is kept
     as ``<name>_original`` rather than overwritten.
     """
-    cols = _columns(entry)
-    control = _control_label(entry)
-    labels = obs[cols["perturbation"]].astype(str).to_numpy(dtype=object)
-    pert = np.where(labels == control, CONTROL, labels).astype(object)
-    if cols.get("context"):
-        context = obs[cols["context"]].astype(str).to_numpy(dtype=object)
+    cols = entry.columns
+    labels = obs[cols.perturbation].astype(str).to_numpy(dtype=object)
+    pert = np.where(labels == cols.control, CONTROL, labels).astype(object)
+    if cols.context:
+        context = obs[cols.context].astype(str).to_numpy(dtype=object)
     else:
-        context = np.full(len(obs), str(cols.get("context_label") or dataset), dtype=object)
-    batch = obs[cols["batch"]].astype(str).to_numpy(dtype=object) if cols.get("batch") else context.copy()
+        context = np.full(len(obs), cols.context_label or entry.name, dtype=object)
+    batch = obs[cols.batch].astype(str).to_numpy(dtype=object) if cols.batch else context.copy()
 
     out = obs.copy()
-    sources = {PERT_COL: cols["perturbation"], CONTEXT_COL: cols.get("context"), BATCH_COL: cols.get("batch")}
+    sources = {PERT_COL: cols.perturbation, CONTEXT_COL: cols.context, BATCH_COL: cols.batch}
     for canon, source in sources.items():
         if canon in out.columns and source != canon:
             kept = f"{canon}_original"
@@ -530,7 +517,7 @@ def _cell_stats(X: Any, mito: np.ndarray | None, progress: bool) -> dict[str, np
     return {"total": total, "n_genes": n_genes, "mito": mt}
 
 
-def _cell_qc(obs: pd.DataFrame, stats: dict, qc: dict, var_names: pd.Index, path: str) -> np.ndarray:
+def _cell_qc(obs: pd.DataFrame, stats: dict, qc: QC, var_names: pd.Index, path: str) -> np.ndarray:
     """Cells above the count / gene thresholds and below the mitochondrial percentage.
 
     Adds ``total_counts``, ``n_genes_by_counts`` (and ``pct_counts_mt`` when ``max_pct_mito``
@@ -539,22 +526,22 @@ def _cell_qc(obs: pd.DataFrame, stats: dict, qc: dict, var_names: pd.Index, path
     total, n_genes = stats["total"], stats["n_genes"]
     obs["total_counts"] = total
     obs["n_genes_by_counts"] = n_genes
-    keep = (total >= qc["min_counts_per_cell"]) & (n_genes >= qc["min_genes_per_cell"])
-    reasons = {"min_counts_per_cell": int((total < qc["min_counts_per_cell"]).sum()),
-               "min_genes_per_cell": int((n_genes < qc["min_genes_per_cell"]).sum())}
-    if qc.get("max_pct_mito") is not None:
+    keep = (total >= qc.min_counts_per_cell) & (n_genes >= qc.min_genes_per_cell)
+    reasons = {"min_counts_per_cell": int((total < qc.min_counts_per_cell).sum()),
+               "min_genes_per_cell": int((n_genes < qc.min_genes_per_cell).sum())}
+    if qc.max_pct_mito is not None:
         pct = 100.0 * stats["mito"] / np.maximum(total, 1)
         obs["pct_counts_mt"] = pct
-        keep &= pct <= float(qc["max_pct_mito"])
-        reasons["max_pct_mito"] = int((pct > float(qc["max_pct_mito"])).sum())
+        keep &= pct <= float(qc.max_pct_mito)
+        reasons["max_pct_mito"] = int((pct > float(qc.max_pct_mito)).sum())
     logger.info("%s: cell QC keeps %d of %d cells (failing: %s)", path, int(keep.sum()), len(obs), reasons)
     _check_not_empty(int(keep.sum()), len(var_names), path, "after QC (cells)")
     return keep
 
 
-def _mito_genes(var_names: pd.Index, qc: dict, path: str) -> np.ndarray | None:
+def _mito_genes(var_names: pd.Index, qc: QC, path: str) -> np.ndarray | None:
     """Column indices of mitochondrial genes (None when ``max_pct_mito`` is not set)."""
-    if qc.get("max_pct_mito") is None:
+    if qc.max_pct_mito is None:
         return None
     mito = pd.Index(var_names).str.upper().str.startswith(MITO_PREFIX)
     if not mito.any():
@@ -563,16 +550,16 @@ def _mito_genes(var_names: pd.Index, qc: dict, path: str) -> np.ndarray | None:
     return np.flatnonzero(mito)
 
 
-def _enforce_condition_sizes(obs: pd.DataFrame, keep: np.ndarray, entry: dict, n_genes: int,
-                             path: str) -> np.ndarray:
+def _enforce_condition_sizes(obs: pd.DataFrame, keep: np.ndarray, entry: DatasetEntry,
+                             n_genes: int, path: str) -> np.ndarray:
     """After QC: raise on conditions below ``min_cells_per_condition``, or drop them."""
-    min_cells = _min_cells(entry)
+    min_cells = entry.min_cells_per_condition
     kept = obs[keep]
     sizes = _condition_sizes(kept, PERT_COL, CONTEXT_COL, "")
     small = _small_conditions(sizes, min_cells)
     if not len(small):
         return keep
-    if not entry.get("drop_small_conditions", False):
+    if not entry.drop_small_conditions:
         _raise_small(small, min_cells, path, "after QC")
     logger.warning("%s: dropping %d conditions with fewer than %d cells: %s", path, len(small), min_cells,
                    ", ".join(f"{c} x {p} ({n})" for (c, p), n in small.items()))
@@ -631,13 +618,13 @@ def _align_genes(var: pd.DataFrame, genes: list[str], genes_path: str,
     return out, select
 
 
-def _plan(X: Any, obs: pd.DataFrame, var: pd.DataFrame, entry: dict, dataset: str, path: str,
+def _plan(X: Any, obs: pd.DataFrame, var: pd.DataFrame, entry: DatasetEntry, path: str,
           progress: bool) -> _Plan:
     """Decide the kept cells (QC, then condition sizes) and genes (filter or gene list)."""
-    qc = {**_QC_DEFAULTS, **(entry.get("qc") or {})}
+    qc = entry.qc
     var = var.copy()
     var.index = var.index.astype(str)
-    canon = _canonical_obs(obs, entry, dataset)
+    canon = _canonical_obs(obs, entry)
     canon.index = canon.index.astype(str)
     if not canon.index.is_unique:
         logger.info("%s: obs names are not unique; adding suffixes (-1, -2, ...)", path)
@@ -649,14 +636,14 @@ def _plan(X: Any, obs: pd.DataFrame, var: pd.DataFrame, entry: dict, dataset: st
 
     # With a gene list, the list defines the gene space (shared across datasets), so
     # min_cells_per_gene is not applied: it would remove listed genes.
-    genes_path = entry.get("genes")
+    genes_path = entry.genes
     if genes_path:
-        if qc["min_cells_per_gene"] > 0:
+        if qc.min_cells_per_gene > 0:
             logger.warning("%s: qc.min_cells_per_gene is ignored because a gene list (`genes`) is given", path)
         out_var, select = _align_genes(var, read_gene_list(genes_path), genes_path, path)
         n_zero_filled = int((~out_var["in_raw_data"]).sum())
     else:
-        out_var, select = _gene_qc(X, keep, var, int(qc["min_cells_per_gene"]), path, progress)
+        out_var, select = _gene_qc(X, keep, var, int(qc.min_cells_per_gene), path, progress)
         n_zero_filled = 0
     _check_not_empty(int(keep.sum()), out_var.shape[0], path, "after QC")
     return _Plan(keep=keep, obs=canon[keep].copy(), var=out_var, select=select, n_zero_filled=n_zero_filled)
@@ -672,12 +659,12 @@ def _output_blocks(X: Any, plan: _Plan, progress: bool) -> Iterator[sp.csr_matri
             yield out
 
 
-def _summary(plan: _Plan, entry: dict, dataset: str, n_cells_raw: int, n_genes_raw: int) -> dict:
+def _summary(plan: _Plan, entry: DatasetEntry, n_cells_raw: int, n_genes_raw: int) -> dict:
     """``uns['lingshu']``: what the processed file is and how it was made."""
     return {
-        "dataset": dataset,
-        "control_label": _control_label(entry),
-        "perturbation_type": str(entry.get("perturbation_type") or ""),  # h5ad cannot store None
+        "dataset": entry.name,
+        "control_label": entry.columns.control,
+        "perturbation_type": str(entry.perturbation_type),  # a string (h5ad cannot store None)
         "n_cells_raw": int(n_cells_raw),
         "n_genes_raw": int(n_genes_raw),
         "n_cells": int(plan.keep.sum()),
@@ -699,7 +686,8 @@ def _obsm_rows(obsm: Any, keep: np.ndarray) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def preprocess(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress: bool = False) -> ad.AnnData:
+def preprocess(adata: ad.AnnData, entry: DatasetEntry, path: str,
+               progress: bool = False) -> ad.AnnData:
     """Validate ``adata`` (read from ``path``) and return a NEW canonical AnnData.
 
     The result has raw counts as CSR int32 in X; obs with the original columns plus canonical
@@ -715,23 +703,23 @@ def preprocess(adata: ad.AnnData, entry: dict, dataset: str, path: str, progress
     _check_counts(X, entry, path, progress, layers=list(adata.layers.keys()))
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()
-    plan = _plan(X, adata.obs, adata.var, entry, dataset, path, progress)
+    plan = _plan(X, adata.obs, adata.var, entry, path, progress)
     blocks = list(_output_blocks(X, plan, progress))
     counts = sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.int32)
     out = ad.AnnData(X=counts, obs=plan.obs, var=plan.var, uns=copy.deepcopy(dict(adata.uns)),
                      obsm=_obsm_rows(adata.obsm, plan.keep))
-    out.uns["lingshu"] = _summary(plan, entry, dataset, adata.n_obs, adata.n_vars)
-    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", path, dataset,
+    out.uns["lingshu"] = _summary(plan, entry, adata.n_obs, adata.n_vars)
+    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", path, entry.name,
                 out.n_obs, out.n_vars, adata.n_obs, adata.n_vars)
     return out
 
 
-def _streamable_counts(f: h5py.File, entry: dict, path: str) -> Any:
+def _streamable_counts(f: h5py.File, entry: DatasetEntry, path: str) -> Any:
     """The file's counts as something row-sliceable without loading them (CSR or dense).
 
     CSC counts cannot be read by rows piecewise: they are loaded and converted (with a warning).
     """
-    layer = entry.get("layer")
+    layer = entry.layer
     key = f"layers/{layer}" if layer else "X"
     if key not in f:
         available = list(f["layers"].keys()) if "layers" in f else []
@@ -748,7 +736,8 @@ def _streamable_counts(f: h5py.File, entry: dict, path: str) -> Any:
     return sp.csr_matrix(ad.io.read_elem(elem))
 
 
-def preprocess_file(raw_path: str, entry: dict, dataset: str, out_path: str, progress: bool = False) -> None:
+def preprocess_file(raw_path: str, entry: DatasetEntry, out_path: str,
+                    progress: bool = False) -> None:
     """Preprocess the raw h5ad at ``raw_path`` into ``out_path``, streaming the counts.
 
     Same result as ``preprocess(read_raw(raw_path, entry), ...)`` written with
@@ -760,7 +749,7 @@ def preprocess_file(raw_path: str, entry: dict, dataset: str, out_path: str, pro
     with _open_h5(raw_path) as f:
         if "obs" not in f or "var" not in f or f["obs"].attrs.get("encoding-type") is None:
             # Old (pre-0.7) layouts cannot be read piecewise: go through memory.
-            write_h5ad(preprocess(read_raw(raw_path, entry), entry, dataset, raw_path, progress), out_path)
+            write_h5ad(preprocess(read_raw(raw_path, entry), entry, raw_path, progress), out_path)
             return
         obs = ad.io.read_elem(f["obs"])
         var = ad.io.read_elem(f["var"])
@@ -768,12 +757,12 @@ def preprocess_file(raw_path: str, entry: dict, dataset: str, out_path: str, pro
         X = _streamable_counts(f, entry, raw_path)
         layers = list(f["layers"].keys()) if "layers" in f else []
         _check_counts(X, entry, raw_path, progress, layers=layers)
-        plan = _plan(X, obs, var, entry, dataset, raw_path, progress)
+        plan = _plan(X, obs, var, entry, raw_path, progress)
         uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
-        uns["lingshu"] = _summary(plan, entry, dataset, len(obs), len(var))
+        uns["lingshu"] = _summary(plan, entry, len(obs), len(var))
         obsm = _obsm_rows(ad.io.read_elem(f["obsm"]), plan.keep) if "obsm" in f else {}
         with atomic_path(out_path) as tmp:
             write_h5ad_streaming(tmp, obs=plan.obs, var=plan.var, uns=uns, obsm=obsm,
                                  blocks=_output_blocks(X, plan, progress))
-    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", raw_path, dataset,
+    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", raw_path, entry.name,
                 len(plan.obs), len(plan.var), len(obs), len(var))

@@ -16,6 +16,7 @@ them into one gene list per perturbation label of the model's dataset.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -26,9 +27,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import false_discovery_control, mannwhitneyu
 
-from lingshu.constants import TARGET_SUM
+from lingshu.config import DatasetEntry
+from lingshu.constants import PERT_COL, TARGET_SUM
 from lingshu.errors import input_error
 from lingshu.io import read_table, write_table
+
+log = logging.getLogger(__name__)
 
 PRIOR_COLUMNS = ["perturbation", "gene", "reason", "context", "n_contexts",
                  "log2fc", "control_mean", "perturbed_mean", "padj"]
@@ -308,3 +312,70 @@ def read_prior(path: str | os.PathLike) -> pd.DataFrame:
     for col in _STRING_COLUMNS:
         df[col] = df[col].fillna("").astype(str)  # "" (a target not measured) reads back as NaN
     return df.astype({c: float for c in _FLOAT_COLUMNS} | {"n_contexts": int})
+
+
+def external_prior(external: ad.AnnData, adata: ad.AnnData, entry: DatasetEntry,
+                   path: str) -> pd.DataFrame:
+    """The prior table of the dataset's perturbations from external data (SPEC 1.4).
+
+    external: raw counts (maybe backed); only its control cells and the cells of the
+    dataset's targets are read; the entry's ``prior`` block says which columns hold what.
+    Genes outside the dataset's panel are dropped.
+    """
+    spec = entry.prior
+    if spec is None:
+        raise ValueError(f"dataset {entry.name} has no prior block")
+    cols = spec["columns"]
+    sep = entry.combo_separator
+    labels = set(adata.obs[PERT_COL].astype(str))
+    targets = {t for label in labels for t in label.split(sep)} | labels
+    if cols["perturbation"] not in external.obs:
+        raise input_error(path, "prior.columns.perturbation",
+                          f"obs column {cols['perturbation']!r} is not in the external data; "
+                          f"obs columns: {', '.join(map(str, external.obs.columns[:8]))}",
+                          "set prior.columns.perturbation to the column of the target labels")
+    ext = external.obs[cols["perturbation"]].astype(str).to_numpy()
+    rows = np.flatnonzero(np.isin(ext, list(targets)) | (ext == str(cols["control"])))
+    subset = external[rows]
+    subset = subset.to_memory() if subset.isbacked else subset.copy()
+    if spec.get("layer"):
+        if spec["layer"] not in subset.layers:
+            raise input_error(path, "prior.layer", f"layer {spec['layer']!r} is not in the file; "
+                              f"layers: {', '.join(subset.layers) or '(none)'}",
+                              "set prior.layer to the layer of raw counts, or remove it")
+        subset.X = subset.layers[spec["layer"]]
+    if spec.get("gene_column"):
+        if spec["gene_column"] not in subset.var:
+            raise input_error(path, "prior.gene_column",
+                              f"var column {spec['gene_column']!r} is not in the file; var "
+                              f"columns: {', '.join(map(str, subset.var.columns[:8])) or '(none)'}",
+                              "set prior.gene_column to the var column of gene symbols, or remove it")
+        subset.var_names = ad.utils.make_index_unique(
+            pd.Index(subset.var[spec["gene_column"]].astype(str)))
+    log.info("prior: %d external cells of %d (controls and the dataset's %d perturbations)",
+             rows.size, external.n_obs, len(labels))
+    return prior_genes(subset, cols["perturbation"], cols["control"],
+                       context_col=cols.get("context"), genes=list(map(str, adata.var_names)),
+                       fdr=spec["fdr"], min_abs_log2fc=spec["min_abs_log2fc"],
+                       min_control_mean=spec["min_control_mean"],
+                       max_perturbed_mean=spec["max_perturbed_mean"], combo_separator=sep,
+                       path=path)
+
+
+def prior_of_labels(table: pd.DataFrame, labels, entry: DatasetEntry) -> dict[str, list[str]]:
+    """perturbation label -> its prior genes, from a prior table (combinations: the union)."""
+    return prior_table_for(targets_of_labels(labels, entry.combo_separator), table)
+
+
+def prior_job(external_path: str, processed_path: str, entry: DatasetEntry, out: str) -> None:
+    """The ``prior`` rule: the prior genes of the dataset's perturbations, to ``out``."""
+    from lingshu.data.preprocess import _open_h5
+
+    _open_h5(external_path).close()  # a clear error for a missing or unreadable file
+    external = ad.read_h5ad(external_path, backed="r")
+    processed = ad.read_h5ad(processed_path, backed="r")
+    table = external_prior(external, processed, entry, path=external_path)
+    write_prior(table, out)
+    n = table.groupby("perturbation").size()
+    log.info("prior: %d genes for %d perturbations (median %.0f per perturbation)", len(table),
+             len(n), float(n.median()) if len(n) else 0.0)

@@ -263,3 +263,17 @@ def group_means(rows: CountRows, labels, transform: Callable | None = None
         sums += part.toarray() if sp.issparse(part) else np.asarray(part)
     counts = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
     return uniq, sums / counts[:, None]
+
+
+def read_rows(adata, rows: np.ndarray) -> sp.csr_matrix:
+    """The counts of ``rows`` of an AnnData in memory or backed (then only those rows are read)."""
+    x = adata.X[rows]
+    return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+
+
+def rows_on_demand(adata, rows: np.ndarray):
+    """The counts of ``rows``: a :class:`FileRows` when ``adata`` is backed (read on demand, so
+    no model needs them all in memory), else a CSR matrix in memory."""
+    if adata.isbacked:
+        return FileRows(adata.filename, rows)
+    return read_rows(adata, rows)

@@ -63,6 +63,21 @@ class Split:
         test = self.conditions[self.conditions["role"] == "test"]
         return test[[CONTEXT_COL, PERT_COL, "n_cells"]].reset_index(drop=True)
 
+    def rows(self, column: str, obs_names: pd.Index | None = None) -> np.ndarray:
+        """Row numbers of the cells whose role ``column`` (``in_train``, ...) is True.
+
+        obs_names: the processed data's cell names, checked against the split's so that a
+        split of other data is never applied by position.
+        """
+        if obs_names is not None and not pd.Index(obs_names).equals(pd.Index(self.cells.index)):
+            raise ValueError("the split does not match the processed data (cell names differ); "
+                             "re-run the split rule after preprocessing")
+        return np.flatnonzero(self.cells[column].to_numpy())
+
+    def reference_rows(self) -> np.ndarray:
+        """Row numbers of the reference cells (the real side of generation fidelity)."""
+        return self.rows(SPLIT_REFERENCE)
+
 
 def make_split(obs: pd.DataFrame, spec: dict, seed: int, where: str = "config") -> Split:
     """Split cells of a processed dataset.
@@ -433,26 +448,35 @@ def check_no_leakage(cells: pd.DataFrame, kind: str, excluded=()) -> None:
                              "reference)")
 
 
-def read_split(cells_path: str, conditions_path: str) -> Split:
-    """Read a split written by :func:`write_split`."""
+CELLS_FILE, CONDITIONS_FILE = "cells.tsv", "conditions.tsv"
+
+
+def read_split(folder: str | Path) -> Split:
+    """Read the split folder written by :func:`write_split` (``cells.tsv``, ``conditions.tsv``)."""
     from lingshu.io import read_table
 
-    cells = read_table(cells_path).set_index("cell")
+    folder = Path(folder)
+    for name in (CELLS_FILE, CONDITIONS_FILE):
+        if not (folder / name).is_file():
+            raise input_error(folder, name, "missing from the split folder",
+                              "run the split rule (or pass the folder it wrote)")
+    cells = read_table(folder / CELLS_FILE).set_index("cell")
     if SPLIT_REFERENCE not in cells:  # a split written before generation references existed
         cells[SPLIT_REFERENCE] = False
     for col in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT, SPLIT_REFERENCE):
         cells[col] = cells[col].astype(bool)
     cells[CONTEXT_COL] = cells[CONTEXT_COL].astype(str)
     cells[PERT_COL] = cells[PERT_COL].astype(str)
-    conditions = read_table(conditions_path)
+    conditions = read_table(folder / CONDITIONS_FILE)
     conditions[CONTEXT_COL] = conditions[CONTEXT_COL].astype(str)
     conditions[PERT_COL] = conditions[PERT_COL].astype(str)
     return Split(cells=cells, conditions=conditions)
 
 
-def write_split(split: Split, cells_path: str, conditions_path: str) -> None:
-    """Write both tables atomically."""
+def write_split(split: Split, folder: str | Path) -> None:
+    """Write both tables into ``folder``, each atomically."""
     from lingshu.io import write_table
 
-    write_table(split.cells.reset_index(), cells_path)
-    write_table(split.conditions, conditions_path)
+    folder = Path(folder)
+    write_table(split.cells.reset_index(), folder / CELLS_FILE)
+    write_table(split.conditions, folder / CONDITIONS_FILE)

@@ -53,6 +53,7 @@ LOWER_IS_BETTER = {"mae", "mse", "mae_delta", "mse_delta"}
 SPEARMAN_NSIG = "spearman_nsig"
 NSIG_REAL, NSIG_PRED = "de_nsig_counts_real", "de_nsig_counts_pred"
 ID_COLUMNS = [CONTEXT_COL, PERT_COL]
+DISTRIBUTION = "distribution.tsv"  # per condition: predicted vs real cells' distribution
 # Rows checked for the log1p format: enough to catch raw counts, cheap on any file size.
 FORMAT_CHECK_ROWS = 2000
 
@@ -100,18 +101,13 @@ def _perturbations_by_context(adata: ad.AnnData) -> dict[str, set[str]]:
     return {ctx: set(group[PERT_COL]) for ctx, group in obs.groupby(CONTEXT_COL)}
 
 
-def _control_counts(adata: ad.AnnData) -> dict[str, int]:
-    """Number of control cells per context."""
-    obs = adata.obs[ID_COLUMNS].astype(str)
-    return obs.loc[obs[PERT_COL] == CONTROL, CONTEXT_COL].value_counts().to_dict()
-
-
 def validate_inputs(truth: ad.AnnData, pred: ad.AnnData, truth_label: str, pred_label: str) -> None:
     """Check that a prediction can be scored against the truth; raise InputError otherwise.
 
-    Checked: obs columns, gene names and order, log1p format, the same contexts and the same
-    perturbation labels per context, control cells in every context of both, and the same
-    number of control cells (the prediction must carry the real controls, SPEC 2.1).
+    Checked: obs columns, gene names and order, log1p format, control cells in every context
+    of the truth, and the same perturbation labels per context (the truth's test conditions).
+    The prediction holds the predicted cells only: cell-eval's input gets the truth's real
+    control cells (:func:`context_pair`); control cells a prediction carries are not used.
     """
     for adata, label in ((truth, truth_label), (pred, pred_label)):
         _check_obs(adata, label)
@@ -128,7 +124,9 @@ def validate_inputs(truth: ad.AnnData, pred: ad.AnnData, truth_label: str, pred_
             f"difference at position {first})",
             "write predictions with the truth's genes in the truth's order",
         )
-    truth_perts, pred_perts = _perturbations_by_context(truth), _perturbations_by_context(pred)
+    truth_perts = _perturbations_by_context(truth)
+    pred_perts = {ctx: labels - {CONTROL} for ctx, labels in _perturbations_by_context(pred).items()}
+    pred_perts = {ctx: labels for ctx, labels in pred_perts.items() if labels}
     if set(truth_perts) != set(pred_perts):
         raise input_error(
             pred_label,
@@ -137,30 +135,21 @@ def validate_inputs(truth: ad.AnnData, pred: ad.AnnData, truth_label: str, pred_
             "predict every test context of the truth, and only those",
         )
     for ctx, labels in truth_perts.items():
-        for adata, label, have in ((truth, truth_label, labels), (pred, pred_label, pred_perts[ctx])):
-            if CONTROL not in have:
-                raise input_error(
-                    label,
-                    f"obs['{PERT_COL}']",
-                    f"no '{CONTROL}' cells in context '{ctx}'",
-                    "include the real control cells of every test context",
-                )
-        if labels != pred_perts[ctx]:
-            missing, extra = sorted(labels - pred_perts[ctx]), sorted(pred_perts[ctx] - labels)
+        if CONTROL not in labels:
+            raise input_error(
+                truth_label,
+                f"obs['{PERT_COL}']",
+                f"no '{CONTROL}' cells in context '{ctx}'",
+                "include the real control cells of every test context",
+            )
+        if labels - {CONTROL} != pred_perts[ctx]:
+            missing = sorted(labels - {CONTROL} - pred_perts[ctx])
+            extra = sorted(pred_perts[ctx] - labels)
             raise input_error(
                 pred_label,
                 f"obs['{PERT_COL}']",
                 f"context '{ctx}': missing {missing[:5]}, unexpected {extra[:5]}",
                 "predict exactly the truth's test conditions",
-            )
-    truth_ctrl, pred_ctrl = _control_counts(truth), _control_counts(pred)
-    for ctx, n_truth in truth_ctrl.items():
-        if pred_ctrl.get(ctx, 0) != n_truth:
-            raise input_error(
-                pred_label,
-                f"obs['{PERT_COL}'] == '{CONTROL}'",
-                f"context '{ctx}' has {pred_ctrl.get(ctx, 0)} control cells, the truth {n_truth}",
-                "copy the truth's real control cells into the prediction unchanged",
             )
 
 
@@ -193,9 +182,10 @@ def context_pair(
     """Build cell-eval's (real, pred) pair for one context.
 
     real = the context's held-out cells + its control cells. pred = the context's predicted
-    cells + the truth's control cells. The truth's controls are used even though the
-    prediction carries a copy: PDS and DES compare against the *submitted* controls, so a model
-    that edits its controls could game them (SPEC 2.1). A differing copy only logs a warning.
+    cells + the truth's control cells: a prediction file holds only what the model predicted,
+    and the evaluation adds the real controls itself (PDS and DES compare against the
+    *submitted* controls, so a model that supplied or edited its own could game them, SPEC
+    2.1). Control cells a prediction does carry are not used (a differing copy logs a warning).
     """
     t_obs = truth.obs[ID_COLUMNS].astype(str)
     t_mask = (t_obs[CONTEXT_COL] == context).to_numpy()
@@ -206,7 +196,8 @@ def context_pair(
     p_obs = pred.obs[ID_COLUMNS].astype(str)
     p_ctx = (p_obs[CONTEXT_COL] == context).to_numpy()
     p_pert = p_ctx & (p_obs[PERT_COL] != CONTROL).to_numpy()
-    _warn_if_controls_edited(real.X[is_ctrl], pred.X[p_ctx & ~p_pert], context)
+    if (p_ctx & ~p_pert).any():
+        _warn_if_controls_edited(real.X[is_ctrl], pred.X[p_ctx & ~p_pert], context)
     X = _stack([pred.X[p_pert], real.X[is_ctrl]])
     labels = np.concatenate([p_obs.loc[p_pert, PERT_COL].to_numpy(), np.full(is_ctrl.sum(), CONTROL)])
     return real, _minimal(X, labels, truth.var_names)
@@ -272,7 +263,8 @@ def evaluate_predictions(
 
     Args:
         truth: held-out cells of every test condition plus the real control cells (path or AnnData).
-        pred: predicted cells plus the same control cells; ignored (may be None) when ``ceiling``.
+        pred: the predicted cells of every test condition (control cells it carries are not
+            used: the truth's are); ignored (may be None) when ``ceiling``.
         outdir: receives ``per_condition.tsv`` and cell-eval's own CSVs under
             ``cell_eval/<context>/``; with ``ceiling`` also ``ceiling_agg.tsv``.
         threads: threads for cell-eval's differential expression (pdex).
@@ -490,37 +482,53 @@ def _bootstrap_spearman_nsig(groups: list[pd.DataFrame], draws: list[np.ndarray]
 # --------------------------------------------------------------------------------------------
 
 
-def _model_name(pred_path: str) -> str:
-    """The model's name from ``uns['lingshu']['model']``, else the file's stem."""
+def _run_record(pred_path: str) -> dict[str, object]:
+    """The run that made a prediction: ``uns['lingshu']``'s ``run`` (else ``model``, else the
+    file's stem) and its sampling settings (a dict; empty when none are recorded)."""
     import h5py
 
-    with h5py.File(pred_path, "r") as handle:
-        node = handle.get("uns/lingshu/model")
+    def text(handle, key):
+        node = handle.get(f"uns/lingshu/{key}")
         value = node[()] if isinstance(node, h5py.Dataset) else None
-    if value is None:
-        return Path(pred_path).stem
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
+
+    with h5py.File(pred_path, "r") as handle:
+        run = text(handle, "run") or text(handle, "model") or Path(pred_path).stem
+        sampling = text(handle, "sampling")
+    return {"run": run, "sampling": json.loads(sampling) if sampling else {}}
 
 
 def evaluate_to_dir(
-    truth_path: str, pred_path: str | None, outdir: str, threads: int = 1, ceiling: bool = False
+    truth_path: str, pred_path: str | None, outdir: str, threads: int = 1, ceiling: bool = False,
+    seed: int = 0,
 ) -> None:
     """Evaluate one prediction file (or the data ceiling) and write its folder.
 
-    Writes ``per_condition.tsv``, ``cell_eval/<context>/``, ``ceiling_agg.tsv`` (ceiling only)
-    and ``summary.json``: ``{"model", "ceiling", "metrics": summary dict, "n_conditions",
-    "n_contexts", "seconds"}``. For the ceiling, ``metrics`` is the Spearman-Brown corrected
-    ceiling (:func:`ceiling_summary`), not the raw half-depth means.
+    Writes ``per_condition.tsv``, ``cell_eval/<context>/``, ``ceiling_agg.tsv`` (ceiling only),
+    ``summary.json``: ``{"model" (the run's name), "sampling", "ceiling", "metrics": summary
+    dict, "n_conditions", "n_contexts", "seconds"}``, and for a prediction
+    ``distribution.tsv``: per held-out condition, the predicted cells' distribution against the
+    real ones (:func:`lingshu.evaluate.fidelity.condition_fidelity`). For the ceiling,
+    ``metrics`` is the Spearman-Brown corrected ceiling (:func:`ceiling_summary`), not the raw
+    half-depth means.
     """
     start = time.perf_counter()
-    per_condition = evaluate_predictions(truth_path, pred_path, outdir, threads=threads, ceiling=ceiling)
+    per_condition = evaluate_predictions(truth_path, pred_path, outdir, threads=threads,
+                                         ceiling=ceiling, seed=seed)
     if ceiling:
         agg = pd.read_csv(Path(outdir) / "ceiling_agg.tsv", sep="\t")
         metrics = ceiling_summary(agg, per_condition)
+        record: dict[str, object] = {"run": "data ceiling", "sampling": {}}
     else:
+        from lingshu.evaluate.fidelity import condition_fidelity
+
         metrics = summarize(per_condition)
+        record = _run_record(pred_path)
+        distribution = condition_fidelity(ad.read_h5ad(truth_path), ad.read_h5ad(pred_path), seed=seed)
+        write_table(distribution, Path(outdir) / DISTRIBUTION)
     summary = {
-        "model": "data ceiling" if ceiling else _model_name(pred_path),
+        "model": record["run"],
+        "sampling": record["sampling"],
         "ceiling": ceiling,
         "metrics": {k: (None if not np.isfinite(v) else v) for k, v in metrics.items()},
         "n_conditions": int(len(per_condition)),

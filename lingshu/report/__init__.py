@@ -8,9 +8,10 @@ import anndata as ad
 import pandas as pd
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.generation import figure_names
+from lingshu.evaluate.perturbation import DISTRIBUTION, read_summary
 from lingshu.io import atomic_path, read_table, write_table
 from lingshu.report import figures
+from lingshu.report.generation import draw_generation
 from lingshu.report.html import render_report
 from lingshu.report.tables import (
     benchmark_table,
@@ -58,19 +59,21 @@ def build_report(
 
     Args:
         dataset: dataset name (title of the page).
-        eval_dirs: model name -> folder written by :func:`lingshu.evaluate.evaluate_to_dir`.
+        eval_dirs: run name -> folder written by :func:`lingshu.evaluate.evaluate_to_dir`
+            (``per_condition.tsv``, ``summary.json``, ``distribution.tsv``).
         ceiling_dir: folder of the ceiling evaluation (``ceiling=True``), or None.
         truth_path: the truth h5ad (for the test-set size and the delta scatter).
-        pred_paths: model name -> prediction h5ad (for the delta scatter).
+        pred_paths: run name -> prediction h5ad (for the delta scatter).
         outdir: receives ``table.tsv``, ``table.md``, ``full_metrics.tsv``, ``benchmarks.tsv``
-            (when benchmark files are given), ``figures/*.png`` and ``report.html``.
+            (when benchmark files are given), ``prediction_distribution.tsv``,
+            ``figures/*.png``, ``generation/`` (with generation fidelity) and ``report.html``.
         benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
         n_boot: bootstrap resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap (and of the plot jitter).
-        features_used: a ``predictions/<model>.features.tsv`` (the same for every model), shown
-            as the table of which perturbation features each test condition got.
-        generation_dir: the ``generation/`` folder of :func:`lingshu.generation.
-            evaluate_generation` (table and figures of generation fidelity), or None.
+        features_used: the features rule's ``features_used.tsv`` (which perturbation features
+            each test condition got, the same for every model).
+        generation_dir: the ``generation/`` folder of :func:`lingshu.evaluate.generation.
+            evaluate_generation` (scores of generation fidelity), or None.
     """
     out = Path(outdir)
     per_condition = load_per_condition(eval_dirs)
@@ -94,14 +97,12 @@ def build_report(
     n_conditions, n_contexts = _test_set_size(truth_path)
     features = read_table(features_used) if features_used else None
 
-    # Distribution of the predicted cells of each held-out condition against the real ones.
-    from lingshu.evaluate.fidelity import condition_fidelity
-
-    truth = ad.read_h5ad(truth_path)
+    # Distribution of the predicted cells of each held-out condition against the real ones
+    # (scored by the evaluation), averaged over conditions.
     distribution = pd.DataFrame([
-        {"model": model, **condition_fidelity(truth, ad.read_h5ad(path), seed=seed)
+        {"model": run, **read_table(Path(folder) / DISTRIBUTION)
          [["pearson_mean", "mmd", "wasserstein"]].mean().to_dict()}
-        for model, path in pred_paths.items()])
+        for run, folder in eval_dirs.items()])
     write_table(distribution, out / "prediction_distribution.tsv")
 
     by_context = context_scores(per_condition) if n_contexts > 1 else pd.DataFrame()
@@ -113,10 +114,9 @@ def build_report(
 
     generation = None
     if generation_dir is not None:
-        gen_dir = Path(generation_dir)
-        generation = (read_table(gen_dir / "table.tsv"),
-                      [p for p in (gen_dir / "figures" / n for n in figure_names()) if p.exists()])
+        generation = draw_generation(generation_dir, out / "generation", seed=seed)
+    sampling = {run: read_summary(folder).get("sampling") or {} for run, folder in eval_dirs.items()}
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
                          features, distribution=distribution, context_scores=by_context,
-                         context_png=context_png, generation=generation)
+                         context_png=context_png, generation=generation, sampling=sampling)
     _write_text(page, out / "report.html")

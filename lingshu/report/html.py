@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from lingshu.evaluate.perturbation import PAPER_METRICS
+from lingshu.models.spec import all_specs, parse_run
 from lingshu.report.tables import (
     AVERAGE_RANK,
     AVERAGE_SCORE,
@@ -34,25 +35,6 @@ METRIC_NOTES = {
     "prediction's DE p-values (pr_auc). Higher is better.",
     "Pearson-delta": "Pearson correlation of the predicted and real change from the control "
     "pseudobulk (pearson_delta). Higher is better.",
-}
-MODEL_NOTES = {
-    "control_mean": "predicts no effect: the context's real control cells, resampled, so its "
-    "pseudobulk is the control pseudobulk. Reference of the paper's average score.",
-    "perturbation_mean": "predicts the mean of the training perturbations (the Virtual Cell "
-    "Challenge cell-mean baseline): the average effect, the same for every perturbation. "
-    "Reference of the VCC score.",
-    "linear": "ridge regression on perturbation / context embeddings (Ahlmann-Eltze et al.): "
-    "simple and hard to beat.",
-    "lingshu": "Lingshu-Cell, the masked discrete diffusion model over the whole transcriptome "
-    "(this project's implementation; pre-trained, then fine-tuned on the training cells).",
-    "scldm": "scLDM (CZI's latent diffusion model, this project's implementation from the "
-    "paper): a permutation-invariant negative-binomial autoencoder, then a Diffusion "
-    "Transformer on its latent tokens trained by flow matching, sampled with classifier-free "
-    "guidance.",
-    "state": "STATE (Arc Institute's State Transition model), trained and run by the arc-state "
-    "package itself: sets of control cells plus a perturbation encoding through a "
-    "bidirectional LLaMA to the perturbed set, energy-distance loss. Held-out perturbations "
-    "reach it through the shared perturbation features.",
 }
 SCORE_NOTES = (
     "<b>Average score</b>: per metric the improvement over control_mean, MAE as (b - m) / b, the "
@@ -104,15 +86,28 @@ def _frame_html(frame: pd.DataFrame, digits: int = 3) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="—", border=0)
 
 
-def _notes_html(models: list[str]) -> str:
+def run_note(run: str, sampling: dict | None = None) -> str:
+    """The report's line about a run: its model's note (from the model's spec), and for a
+    sampling variant (``<model>@<variant>``) the sampling settings it was predicted with."""
+    model, variant = parse_run(run)
+    spec = all_specs().get(model)
+    note = spec.note if spec is not None else "a model this version of the benchmark does not know"
+    if variant is not None:
+        settings = ", ".join(f"{k} = {v}" for k, v in sorted((sampling or {}).items()))
+        note = (f"{model}'s fitted model sampled with other settings (variant {variant!r}: "
+                f"{settings or 'the model defaults'}). {note}")
+    return note
+
+
+def _notes_html(models: list[str], sampling: dict[str, dict] | None = None) -> str:
     """Definitions of the metrics, the scores and the models of this report."""
     metrics = "".join(
         f"<dt>{html.escape(label)} <code>{html.escape(column)}</code></dt><dd>{html.escape(METRIC_NOTES[label])}</dd>"
         for label, column in PAPER_METRICS.items()
     )
     baselines = "".join(
-        f"<dt>{html.escape(name)}</dt><dd>{html.escape(MODEL_NOTES[name])}</dd>"
-        for name in models if name in MODEL_NOTES
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(run_note(name, (sampling or {}).get(name)))}</dd>"
+        for name in models
     )
     return (
         f"<h2>Metrics</h2><dl>{metrics}</dl><p>{SCORE_NOTES}</p>"
@@ -199,6 +194,7 @@ def render_report(
     context_scores: pd.DataFrame | None = None,
     context_png: Path | None = None,
     generation: tuple[pd.DataFrame, list[Path]] | None = None,
+    sampling: dict[str, dict] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -216,6 +212,8 @@ def render_report(
         context_scores / context_png: average score per held-out context and model, and its
             figure (datasets with several contexts).
         generation: (table, figures) of generation fidelity, or None.
+        sampling: run -> the sampling settings it was predicted with (named in the notes of
+            sampling variants).
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -241,7 +239,7 @@ def render_report(
         _context_html(context_scores, context_png),
         _distribution_html(distribution),
         _generation_html(generation),
-        _notes_html(models),
+        _notes_html(models, sampling),
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",
     ]

@@ -1,5 +1,9 @@
-"""Figures of generation fidelity (SPEC 2.2): UMAP of real vs generated cells, marker-gene dot
-plot, count histograms of a few genes, and the fidelity metrics as bars. Each function draws
+"""Generation fidelity in the report (SPEC 2.2): its table as Markdown and its figures.
+
+The scores come from the evaluation (:mod:`lingshu.evaluate.generation`: ``table.tsv``,
+``cell_types.tsv``, ``reference.h5ad`` in ``generation/``); :func:`draw_generation` turns them,
+with the generated cells, into the UMAP of real vs generated cells, a marker-gene dot plot,
+count histograms of a few genes and the fidelity metrics as bars. Each figure function draws
 one PNG and writes it atomically (see :func:`lingshu.report.figures._save`)."""
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from lingshu.evaluate.fidelity import CELL_TYPE, FIDELITY_METRICS  # noqa: E402
+from lingshu.evaluate.generation import (  # noqa: E402
+    CELL_TYPES,
+    REAL_FLOOR,
+    REAL_REFERENCE,
+    REFERENCE,
+    TABLE,
+    TABLE_COLUMNS,
+)
+from lingshu.io import atomic_path, read_table  # noqa: E402
 from lingshu.report.figures import _colors, _grid, _save  # noqa: E402
 
 REAL = "real"
@@ -333,3 +346,67 @@ def fidelity_bars(table: pd.DataFrame, path: str | Path) -> None:
     fig.suptitle("Generation fidelity against the reference cells", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------
+# The report's section: table and figures from the evaluation's files
+# ------------------------------------------------------------------------------------------
+
+
+def figure_names() -> list[str]:
+    """The figure files :func:`draw_generation` writes (when a run generated cells)."""
+    return ["fidelity_bars.png", "umap.png", "markers.png", "histograms.png"]
+
+
+def draw_generation(generation_dir: str | Path, outdir: str | Path,
+                    seed: int = 0) -> tuple[pd.DataFrame, list[Path]]:
+    """Write ``table.md`` and ``figures/*.png`` of generation fidelity into ``outdir``.
+
+    generation_dir: the ``generation/`` folder (the evaluation's ``table.tsv``,
+    ``cell_types.tsv`` and ``reference.h5ad``, and each run's ``<run>.h5ad``).
+    Returns the table and the figures written.
+    """
+    gen_dir, out = Path(generation_dir), Path(outdir)
+    table = read_table(gen_dir / TABLE)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(to_markdown(table))
+    fig_dir = out / "figures"
+    pngs = [fig_dir / "fidelity_bars.png"]
+    fidelity_bars(table[table["model"] != REAL_REFERENCE], pngs[0])
+    labels = read_table(gen_dir / CELL_TYPES)
+    runs = list(dict.fromkeys(labels["run"].astype(str)))
+    if runs:
+        reference = ad.read_h5ad(gen_dir / REFERENCE)
+        generated = {}
+        for run in runs:
+            cells = ad.read_h5ad(gen_dir / f"{run}.h5ad")
+            mine = labels[labels["run"].astype(str) == run].set_index("cell")[CELL_TYPE]
+            cells.obs[CELL_TYPE] = pd.Categorical(mine.reindex(cells.obs_names.astype(str))
+                                                  .astype(str).to_numpy())
+            generated[run] = cells
+        pngs += [fig_dir / name for name in figure_names()[1:]]
+        umap_real_vs_generated(reference, generated, pngs[1], seed=seed)
+        marker_dotplot(reference, generated, pngs[2])
+        gene_histograms(reference.layers["counts"],
+                        {k: v.layers["counts"] for k, v in generated.items()},
+                        reference.var_names.to_numpy(), pngs[3])
+    return table, pngs
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The generation table as Markdown in the layout of the paper's Table 1 (best in bold)."""
+    models = table[table[list(TABLE_COLUMNS)].notna().any(axis=1)]
+    shown = models[["model"]].copy()
+    for column, (title, higher) in TABLE_COLUMNS.items():
+        values = models[column]
+        scored = values[models["model"] != REAL_FLOOR].dropna()
+        best = (scored.idxmax() if higher else scored.idxmin()) if len(scored) else None
+        shown[title] = [("**{:.4f}**" if i == best else "{:.4f}").format(v)
+                        if np.isfinite(v) else "—" for i, v in values.items()]
+    shown["cells"] = models["n_cells"].astype(int).astype(str)
+    shown["generation (s)"] = [f"{v:.1f}" if np.isfinite(v) else "—"
+                               for v in models["generate_seconds"]]
+    lines = ["| " + " | ".join(shown.columns) + " |",
+             "|" + "|".join("---" for _ in shown.columns) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""Generation fidelity (SPEC 2.2): generated cells scored against real cells no model trained on.
+
+generation/<run>.h5ad (the ``generate`` rule, one per generating run) + processed.h5ad + split
+-> generation/table.tsv, cell_types.tsv, reference.h5ad (the ``generation_eval`` rule, one per
+dataset). The report draws the figures from those files (:mod:`lingshu.report.generation`).
+
+The real cells are the split's *reference* cells: a seeded random sample of the cells of
+training conditions that no model trained on. Each model generates as many cells as there are
+reference cells. A ``real (training cells)`` row compares an equally large random sample of
+training cells with the same reference: the sampling floor no model can beat at that size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from lingshu.constants import CONTEXT_COL, SPLIT_REFERENCE, SPLIT_TRAIN
+from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.split import Split
+from lingshu.evaluate.fidelity import (
+    CELL_TYPE,
+    FIDELITY_METRICS,
+    celltype_proportions,
+    fidelity_metrics,
+)
+from lingshu.io import write_h5ad, write_table
+
+log = logging.getLogger(__name__)
+
+REAL_FLOOR = "real (training cells)"
+REAL_REFERENCE = "real (reference cells)"
+MAX_CLASSIFIER_CELLS = 4000  # training cells the cell-type classifier learns from (at most)
+TABLE_COLUMNS = FIDELITY_METRICS  # the layout of the paper's Table 1
+TABLE, CELL_TYPES, REFERENCE = "table.tsv", "cell_types.tsv", "reference.h5ad"
+
+
+def _real(adata: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
+    counts = sp.csr_matrix(adata.X[rows], dtype=np.float32)
+    out = ad.AnnData(X=sp.csr_matrix(log1p_cp10k(counts), dtype=np.float32),
+                     obs=pd.DataFrame({CELL_TYPE: adata.obs[CONTEXT_COL].astype(str)
+                                       .to_numpy()[rows]}, index=adata.obs_names[rows]),
+                     var=pd.DataFrame(index=adata.var_names.astype(str)))
+    out.layers["counts"] = counts
+    return out
+
+
+def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, str],
+                        outdir: str | Path, seed: int = 0) -> pd.DataFrame:
+    """Score every run's generated cells against the reference cells.
+
+    adata: the processed data (raw counts); generated: run -> generation/<run>.h5ad.
+    Writes into ``outdir``: ``table.tsv`` (one row per run, then the sampling floor and the
+    reference's own cell-type shares), ``cell_types.tsv`` (the cell type the real-cell
+    classifier gives each generated cell: run, cell, cell_type) and ``reference.h5ad`` (the
+    reference cells: log1p(CP10k) in X, counts in ``layers['counts']``, obs ``cell_type``).
+    Returns the table.
+    """
+    out = Path(outdir)
+    ref_rows = split.rows(SPLIT_REFERENCE, adata.obs_names)
+    if ref_rows.size < 10:
+        raise ValueError(f"only {ref_rows.size} reference cells; set split.reference_fraction "
+                         "(and max_reference_cells) so that at least 10 cells are kept out")
+    rng = np.random.default_rng(seed)
+    train_rows = split.rows(SPLIT_TRAIN)
+    shuffled = rng.permutation(train_rows)
+    floor_rows = np.sort(shuffled[: ref_rows.size])
+    clf_rows = np.sort(shuffled[ref_rows.size:][:MAX_CLASSIFIER_CELLS])
+    if clf_rows.size < 10:  # tiny data: the classifier shares cells with the floor sample
+        clf_rows = np.sort(shuffled[:MAX_CLASSIFIER_CELLS])
+    reference, floor, clf = _real(adata, ref_rows), _real(adata, floor_rows), _real(adata, clf_rows)
+    ref_labels = reference.obs[CELL_TYPE].to_numpy()
+
+    sets: dict[str, ad.AnnData] = {}
+    for run, path in generated.items():
+        gen = ad.read_h5ad(path)
+        if list(gen.var_names) != list(reference.var_names):
+            raise ValueError(f"{path}: its genes differ from the processed data's; re-run the "
+                             "generate rule")
+        sets[run] = gen
+    sets[REAL_FLOOR] = floor
+
+    rows, labels = [], []
+    for name, cells in sets.items():
+        start = time.perf_counter()
+        metrics = fidelity_metrics(reference.X, cells.X, seed=seed)
+        props = celltype_proportions(clf.X, clf.obs[CELL_TYPE].to_numpy(), reference.X,
+                                     ref_labels, cells.X, seed=seed)
+        metrics.update(celltype_tvd=props["tvd"], celltype_accuracy=props["accuracy"])
+        if name != REAL_FLOOR:
+            labels.append(pd.DataFrame({"run": name, "cell": cells.obs_names.astype(str),
+                                        CELL_TYPE: np.asarray(props["predicted_labels"])}))
+        rows.append({"model": name, **{k: metrics.get(k, np.nan) for k in TABLE_COLUMNS},
+                     "celltype_accuracy": metrics.get("celltype_accuracy", np.nan),
+                     "n_cells": cells.n_obs,
+                     "generate_seconds": cells.uns.get("lingshu", {}).get("generate_seconds",
+                                                                          np.nan),
+                     **{f"share {k}": v for k, v in sorted(props["generated"].items())}})
+        log.info("%s scored in %.1f s: %s", name, time.perf_counter() - start, rows[-1])
+    real_shares = celltype_proportions(clf.X, clf.obs[CELL_TYPE].to_numpy(), reference.X,
+                                       ref_labels, reference.X, seed=seed)["real"]
+    rows.append({"model": REAL_REFERENCE, "n_cells": reference.n_obs,
+                 **{f"share {k}": v for k, v in sorted(real_shares.items())}})
+    table = pd.DataFrame(rows)
+    write_table(table, out / TABLE)
+    write_table(pd.concat(labels, ignore_index=True) if labels
+                else pd.DataFrame(columns=["run", "cell", CELL_TYPE]), out / CELL_TYPES)
+    write_h5ad(reference, out / REFERENCE)
+    return table
