@@ -2,7 +2,7 @@
 # Config says what to run (config/config.yaml); profiles say where (profiles/).
 from snakemake.utils import min_version, validate
 
-from lingshu.config import validate_config
+from lingshu.plan import validate_config
 
 min_version("9.0")
 

@@ -1,53 +1,98 @@
-# Helpers shared by the rules: paths, per-dataset model lists, JSON of config entries.
+# Helpers shared by the rules: paths, runs and parameters of each dataset's jobs. The decisions
+# live in lingshu.plan (tested without Snakemake); these wrappers bind them to this config.
 import hashlib
 import json
 import os
 
-from lingshu.models.registry import DDP_MODELS, GENERATIVE, MODEL_ENVS, PRETRAINING, TOKENISED
+from lingshu import plan
+from lingshu.models.spec import all_specs, parse_run
 
 R = config["results_dir"]
 DATASETS = sorted(config["datasets"])
+SPECS = all_specs()
+
+
+def _all_runs():
+    return sorted({run for d in DATASETS for run in plan.runs_of(config, d)})
 
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
     model="|".join(sorted(config["models"])),
+    run="|".join(_all_runs()),
 
 
 def entry(dataset):
     return config["datasets"][dataset]
 
 
-def entry_json(dataset):
-    """The validated dataset entry as compact JSON (the CLI's --entry)."""
-    return json.dumps(entry(dataset), sort_keys=True)
+def entry_json(dataset, with_prior=False):
+    """The typed dataset entry as JSON (the CLI's --entry): the data's description only."""
+    return plan.entry_json(config, dataset, with_prior)
 
 
 def models_of(dataset):
-    return entry(dataset).get("models") or sorted(config["models"])
+    return plan.models_of(config, dataset)
+
+
+def runs_of(dataset):
+    return plan.runs_of(config, dataset)
+
+
+def model_of(run):
+    return parse_run(run)[0]
 
 
 def model_block(model, dataset=None):
     """A model's config block, with the dataset entry's ``model_params`` for it on top."""
-    block = dict(config["models"].get(model) or {})
-    if dataset is not None:
-        block.update((entry(dataset).get("model_params") or {}).get(model) or {})
-    return block
+    return plan.model_block(config, model, dataset)
+
+
+def training_json(model, dataset):
+    """What a model's pre-train and fit jobs get: its training settings only, so that changing
+    a sampling setting (guidance, steps) never re-runs them."""
+    return plan.params_json(plan.training_params(config, model, dataset))
+
+
+def sampling_json(run, dataset):
+    """What a run's predict job gets on top of the fitted model."""
+    return plan.params_json(plan.sampling_params(config, run, dataset))
+
+
+def generation_json(run, dataset):
+    """What a run's generate job gets: only the settings that change generation."""
+    return plan.params_json(plan.generation_params(config, run, dataset))
+
+
+def resource(key, default, run_wildcard="model"):
+    """A model block's Snakemake resource (threads, mem_mb, gpu) for a job's wildcards."""
+
+    def get(wildcards):
+        model = model_of(getattr(wildcards, run_wildcard))
+        return model_block(model, wildcards.dataset).get(key, default)
+
+    return get
 
 
 def model_env(wildcards):
     """The conda env of a model's jobs (STATE brings arc-state and its dependencies)."""
-    return f"../../envs/{MODEL_ENVS.get(wildcards.model, 'models')}.yaml"
+    name = wildcards.model if hasattr(wildcards, "model") else model_of(wildcards.run)
+    return f"../../envs/{SPECS[name].env}.yaml"
 
 
-def uses_prior(model, dataset):
-    """Lingshu-Cell with prior_injection, on a dataset with a prior (config.py checks both)."""
-    return bool(model_block(model, dataset).get("prior_injection") and entry(dataset).get("prior"))
+def split_files(dataset):
+    return [f"{R}/{dataset}/split/cells.tsv", f"{R}/{dataset}/split/conditions.tsv"]
+
+
+def split_dir(wildcards, input):
+    return os.path.dirname(input.split[0])
 
 
 def prior_input(wildcards):
-    """The prior gene table, for a model that injects priors."""
-    if uses_prior(wildcards.model, wildcards.dataset):
+    """The prior gene table, for a run that injects priors."""
+    if plan.uses_prior(config, wildcards.run, wildcards.dataset) and entry(wildcards.dataset).get(
+        "prior"
+    ):
         return [f"{R}/{wildcards.dataset}/prior/genes.tsv"]
     return []
 
@@ -57,8 +102,8 @@ def prior_flag(wildcards, input):
 
 
 def token_input(wildcards):
-    """The memory-mapped count tokens, for models that train from them."""
-    return [f"{R}/{wildcards.dataset}/tokens"] if wildcards.model in TOKENISED else []
+    """The on-disk count tokens, for models that train from them."""
+    return [f"{R}/{wildcards.dataset}/tokens"] if SPECS[wildcards.model].tokens else []
 
 
 def token_flag(wildcards, input):
@@ -69,27 +114,25 @@ def launcher(wildcards):
     """How a training job starts: ``torchrun`` with one process per GPU when a DDP-capable
     model's block asks for several GPUs, else one Python process."""
     gpus = int(model_block(wildcards.model, wildcards.dataset).get("gpu", 0))
-    if gpus > 1 and wildcards.model in DDP_MODELS:
+    if gpus > 1 and SPECS[wildcards.model].ddp:
         return f"torchrun --standalone --nproc_per_node={gpus} -m lingshu"
     return "python -m lingshu"
 
 
-def model_params_json(model, dataset):
-    return json.dumps(model_block(model, dataset), sort_keys=True)
+def pretraining(model):
+    return SPECS[model].pretrains
 
 
-def generative_models_of(dataset):
-    """The dataset's models that generate cells unconditionally, when it has reference cells."""
-    if float(entry(dataset)["split"].get("reference_fraction", 0)) <= 0:
-        return []
-    return [m for m in models_of(dataset) if m in GENERATIVE]
+def generation_runs_of(dataset):
+    """The dataset's runs that generate cells unconditionally, when it has reference cells."""
+    return plan.generation_runs_of(config, dataset)
 
 
 def generator_checkpoint(wildcards):
-    """What a generative model samples from: its pre-trained or its fitted model."""
-    stage = GENERATIVE[wildcards.model]
-    name = "pretrain.pt" if stage == "pretrain" else "model.npz"
-    return f"{R}/{wildcards.dataset}/models/{wildcards.model}/{name}"
+    """What a generating run samples from: its model's pre-trained or fitted state."""
+    model = model_of(wildcards.run)
+    name = "pretrain.pt" if SPECS[model].generates_from == "pretrain" else "model.npz"
+    return f"{R}/{wildcards.dataset}/models/{model}/{name}"
 
 
 def raw_input(wildcards):
@@ -107,13 +150,12 @@ def split_lists(dataset):
     for key in ("test_perturbations_file", "exclude_perturbations_file"):
         if split.get(key):
             path = split[key]
-            out[key] = hashlib.sha256(open(path, "rb").read()).hexdigest() \
-                if os.path.isfile(path) else "absent"
+            out[key] = (
+                hashlib.sha256(open(path, "rb").read()).hexdigest()
+                if os.path.isfile(path)
+                else "absent"
+            )
     return json.dumps(out, sort_keys=True)
-
-
-def split_seed(dataset):
-    return int(entry(dataset)["split"].get("seed", config["seed"]))
 
 
 def all_targets():
@@ -124,14 +166,16 @@ def all_targets():
 def job_names(dataset):
     """Benchmark files the report's cost table reads (those that exist when it runs)."""
     names = ["preprocess", "split", "features", "truth"]
-    names += ["tokenize"] if set(models_of(dataset)) & TOKENISED else []
-    if any(uses_prior(m, dataset) for m in models_of(dataset)):
+    names += ["tokenize"] if any(SPECS[m].tokens for m in models_of(dataset)) else []
+    if any(plan.uses_prior(config, r, dataset) for r in runs_of(dataset)):
         names += ["fetch_prior", "prior"]
     for m in models_of(dataset):
-        names += [f"pretrain_{m}"] if m in PRETRAINING else []
-        names += [f"fit_{m}", f"predict_{m}", f"evaluate_{m}"]
-        names += [f"generate_{m}"] if m in generative_models_of(dataset) else []
-    if generative_models_of(dataset):
+        names += [f"pretrain_{m}"] if SPECS[m].pretrains else []
+        names += [f"fit_{m}"]
+    for r in runs_of(dataset):
+        names += [f"predict_{r}", f"evaluate_{r}"]
+    names += [f"generate_{r}" for r in generation_runs_of(dataset)]
+    if generation_runs_of(dataset):
         names.append("generation_eval")
     if config["ceiling"]:
         names.append("ceiling")

@@ -58,7 +58,7 @@ rule preprocess:
         "../../envs/data.yaml"
     shell:
         "python -m lingshu preprocess --raw {input} --entry {params.entry:q} "
-        "--dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "--out {output} > {log} 2>&1"
 
 
 # Prior injection (SPEC 1.4): external data of the same targets -> each perturbation's prior genes.
@@ -90,8 +90,7 @@ rule prior:
     output:
         f"{R}/{{dataset}}/prior/genes.tsv",
     params:
-        spec=lambda w: json.dumps(entry(w.dataset)["prior"], sort_keys=True),
-        entry=lambda w: entry_json(w.dataset),
+        entry=lambda w: entry_json(w.dataset, with_prior=True),
     log:
         f"{R}/{{dataset}}/logs/prior.log",
     benchmark:
@@ -103,4 +102,4 @@ rule prior:
         "../../envs/data.yaml"
     shell:
         "python -m lingshu prior --external {input.external} --processed {input.processed} "
-        "--spec {params.spec:q} --entry {params.entry:q} --out {output} > {log} 2>&1"
+        "--entry {params.entry:q} --out {output} > {log} 2>&1"

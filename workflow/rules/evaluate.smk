@@ -1,19 +1,23 @@
-# Evaluation with cell-eval: every model against the same truth, and the data ceiling.
+# Evaluation with cell-eval: every run against the same truth (the evaluation adds the real
+# control cells to each prediction itself), the distribution of each run's predicted cells per
+# held-out condition, and the data ceiling.
 
 
 rule evaluate:
     input:
         truth=f"{R}/{{dataset}}/truth.h5ad",
-        pred=f"{R}/{{dataset}}/predictions/{{model}}.h5ad",
+        pred=f"{R}/{{dataset}}/predictions/{{run}}.h5ad",
     output:
-        table=f"{R}/{{dataset}}/eval/{{model}}/per_condition.tsv",
-        summary=f"{R}/{{dataset}}/eval/{{model}}/summary.json",
+        table=f"{R}/{{dataset}}/eval/{{run}}/per_condition.tsv",
+        summary=f"{R}/{{dataset}}/eval/{{run}}/summary.json",
+        distribution=f"{R}/{{dataset}}/eval/{{run}}/distribution.tsv",
     params:
-        outdir=lambda w: f"{R}/{w.dataset}/eval/{w.model}",
+        outdir=lambda w: f"{R}/{w.dataset}/eval/{w.run}",
+        seed=config["seed"],
     log:
-        f"{R}/{{dataset}}/logs/evaluate_{{model}}.log",
+        f"{R}/{{dataset}}/logs/evaluate_{{run}}.log",
     benchmark:
-        f"{R}/{{dataset}}/benchmarks/evaluate_{{model}}.tsv"
+        f"{R}/{{dataset}}/benchmarks/evaluate_{{run}}.tsv"
     threads: config["threads"]
     resources:
         mem_mb=8000,
@@ -21,7 +25,7 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     shell:
         "python -m lingshu evaluate --truth {input.truth} --pred {input.pred} "
-        "--outdir {params.outdir} --threads {threads} > {log} 2>&1"
+        "--outdir {params.outdir} --threads {threads} --seed {params.seed} > {log} 2>&1"
 
 
 rule ceiling:
@@ -32,6 +36,7 @@ rule ceiling:
         summary=f"{R}/{{dataset}}/eval/ceiling/summary.json",
     params:
         outdir=lambda w: f"{R}/{w.dataset}/eval/ceiling",
+        seed=config["seed"],
     log:
         f"{R}/{{dataset}}/logs/ceiling.log",
     benchmark:
@@ -43,4 +48,4 @@ rule ceiling:
         "../../envs/evaluate.yaml"
     shell:
         "python -m lingshu evaluate --truth {input.truth} --ceiling "
-        "--outdir {params.outdir} --threads {threads} > {log} 2>&1"
+        "--outdir {params.outdir} --threads {threads} --seed {params.seed} > {log} 2>&1"

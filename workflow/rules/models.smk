@@ -1,5 +1,7 @@
-# Models: (pre-train,) fit on the training cells, then predict every held-out condition.
-# A model's config block may set threads, mem_mb and gpu; the rest are its parameters.
+# Models: (pre-train,) fit on the training cells, then predict every held-out condition once per
+# run (the model, and each of its sampling variants). Pre-train and fit get a model's training
+# settings only; predict gets the run's sampling settings, so a sampling change never retrains.
+# A model's config block may set threads, mem_mb and gpu (Snakemake resources).
 
 
 rule tokenize:
@@ -23,15 +25,15 @@ rule tokenize:
 rule pretrain_model:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        split=lambda w: split_files(w.dataset),
         features=f"{R}/{{dataset}}/features.tsv",
         tokens=token_input,
     output:
         f"{R}/{{dataset}}/models/{{model}}/pretrain.pt",
     params:
-        model_params=lambda w: model_params_json(w.model, w.dataset),
+        training=lambda w: training_json(w.model, w.dataset),
         entry=lambda w: entry_json(w.dataset),
+        split=split_dir,
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
         launcher=launcher,
@@ -40,37 +42,34 @@ rule pretrain_model:
         f"{R}/{{dataset}}/logs/pretrain_{{model}}.log",
     benchmark:
         f"{R}/{{dataset}}/benchmarks/pretrain_{{model}}.tsv"
-    threads: lambda w: model_block(w.model, w.dataset).get("threads", 2)
+    threads: resource("threads", 2)
     resources:
-        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
+        mem_mb=resource("mem_mb", 8000),
+        gpu=resource("gpu", 0),
     conda:
         model_env
     shell:
-        "{params.launcher} pretrain --processed {input.processed} --cells {input.cells} "
-        "--conditions {input.conditions} --features {input.features} "
-        "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
-        "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.tokens} "
-        "--out {output} > {log} 2>&1"
+        "{params.launcher} pretrain --processed {input.processed} --split {params.split} "
+        "--features {input.features} --model {wildcards.model} --params {params.training:q} "
+        "--entry {params.entry:q} --seed {params.seed} --threads {threads} "
+        "--workdir {params.workdir} {params.tokens} --out {output} > {log} 2>&1"
 
 
 rule fit_model:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        split=lambda w: split_files(w.dataset),
         features=f"{R}/{{dataset}}/features.tsv",
         pretrained=lambda w: (
-            [f"{R}/{w.dataset}/models/{w.model}/pretrain.pt"]
-            if w.model in PRETRAINING
-            else []
+            [f"{R}/{w.dataset}/models/{w.model}/pretrain.pt"] if pretraining(w.model) else []
         ),
         tokens=token_input,
     output:
         f"{R}/{{dataset}}/models/{{model}}/model.npz",
     params:
-        model_params=lambda w: model_params_json(w.model, w.dataset),
+        training=lambda w: training_json(w.model, w.dataset),
         entry=lambda w: entry_json(w.dataset),
+        split=split_dir,
         init=lambda w, input: " ".join(f"--init {p}" for p in input.pretrained),
         seed=config["seed"],
         workdir=lambda w, output: os.path.dirname(output[0]),
@@ -80,49 +79,45 @@ rule fit_model:
         f"{R}/{{dataset}}/logs/fit_{{model}}.log",
     benchmark:
         f"{R}/{{dataset}}/benchmarks/fit_{{model}}.tsv"
-    threads: lambda w: model_block(w.model, w.dataset).get("threads", 1)
+    threads: resource("threads", 1)
     resources:
-        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
+        mem_mb=resource("mem_mb", 8000),
+        gpu=resource("gpu", 0),
     conda:
         model_env
     shell:
-        "{params.launcher} fit --processed {input.processed} --cells {input.cells} "
-        "--conditions {input.conditions} --features {input.features} "
-        "--model {wildcards.model} --params {params.model_params:q} --entry {params.entry:q} "
-        "--seed {params.seed} --threads {threads} --workdir {params.workdir} {params.init} "
-        "{params.tokens} --out {output} > {log} 2>&1"
+        "{params.launcher} fit --processed {input.processed} --split {params.split} "
+        "--features {input.features} --model {wildcards.model} --params {params.training:q} "
+        "--entry {params.entry:q} --seed {params.seed} --threads {threads} "
+        "--workdir {params.workdir} {params.init} {params.tokens} --out {output} > {log} 2>&1"
 
 
 rule predict:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
-        truth=f"{R}/{{dataset}}/truth.h5ad",
-        features=f"{R}/{{dataset}}/features.tsv",
-        model=f"{R}/{{dataset}}/models/{{model}}/model.npz",
+        split=lambda w: split_files(w.dataset),
+        model=lambda w: f"{R}/{w.dataset}/models/{model_of(w.run)}/model.npz",
         prior=prior_input,
     output:
-        pred=f"{R}/{{dataset}}/predictions/{{model}}.h5ad",
-        features_used=f"{R}/{{dataset}}/predictions/{{model}}.features.tsv",
+        f"{R}/{{dataset}}/predictions/{{run}}.h5ad",
     params:
+        sampling=lambda w: sampling_json(w.run, w.dataset),
+        entry=lambda w, input: entry_json(w.dataset, with_prior=bool(input.prior)),
+        split=split_dir,
         seed=config["seed"],
         prior=prior_flag,
-        entry=lambda w: entry_json(w.dataset),
     log:
-        f"{R}/{{dataset}}/logs/predict_{{model}}.log",
+        f"{R}/{{dataset}}/logs/predict_{{run}}.log",
     benchmark:
-        f"{R}/{{dataset}}/benchmarks/predict_{{model}}.tsv"
-    threads: lambda w: model_block(w.model, w.dataset).get("threads", 1)
+        f"{R}/{{dataset}}/benchmarks/predict_{{run}}.tsv"
+    threads: resource("threads", 1, "run")
     resources:
-        mem_mb=lambda w: model_block(w.model, w.dataset).get("mem_mb", 8000),
-        gpu=lambda w: model_block(w.model, w.dataset).get("gpu", 0),
+        mem_mb=resource("mem_mb", 8000, "run"),
+        gpu=resource("gpu", 0, "run"),
     conda:
         model_env
     shell:
-        "python -m lingshu predict --processed {input.processed} --cells {input.cells} "
-        "--conditions {input.conditions} --truth {input.truth} --model-file {input.model} "
-        "--features {input.features} --seed {params.seed} --threads {threads} "
-        "--out {output.pred} {params.prior} --entry {params.entry:q} "
-        "--features-used {output.features_used} > {log} 2>&1"
+        "python -m lingshu predict --processed {input.processed} --split {params.split} "
+        "--model-file {input.model} --run {wildcards.run} --sampling {params.sampling:q} "
+        "--entry {params.entry:q} --seed {params.seed} --threads {threads} {params.prior} "
+        "--out {output} > {log} 2>&1"

@@ -4,30 +4,22 @@
 rule report:
     input:
         truth=f"{R}/{{dataset}}/truth.h5ad",
-        evals=lambda w: expand(
-            f"{R}/{w.dataset}/eval/{{model}}/summary.json", model=models_of(w.dataset)
-        ),
-        preds=lambda w: expand(
-            f"{R}/{w.dataset}/predictions/{{model}}.h5ad", model=models_of(w.dataset)
-        ),
+        evals=lambda w: expand(f"{R}/{w.dataset}/eval/{{run}}/summary.json", run=runs_of(w.dataset)),
+        preds=lambda w: expand(f"{R}/{w.dataset}/predictions/{{run}}.h5ad", run=runs_of(w.dataset)),
         ceiling=lambda w: (
             [f"{R}/{w.dataset}/eval/ceiling/summary.json"] if config["ceiling"] else []
         ),
-        features_used=lambda w: (
-            f"{R}/{w.dataset}/predictions/{models_of(w.dataset)[0]}.features.tsv"
-        ),
+        features_used=f"{R}/{{dataset}}/features_used.tsv",
         generation=lambda w: (
-            [f"{R}/{w.dataset}/generation/table.tsv"] if generative_models_of(w.dataset) else []
+            [f"{R}/{w.dataset}/generation/table.tsv"] if generation_runs_of(w.dataset) else []
         ),
     output:
         html=f"{R}/{{dataset}}/report/report.html",
         table=f"{R}/{{dataset}}/report/table.tsv",
     params:
-        evals=lambda w: " ".join(
-            f"{m}={R}/{w.dataset}/eval/{m}" for m in models_of(w.dataset)
-        ),
+        evals=lambda w: " ".join(f"{r}={R}/{w.dataset}/eval/{r}" for r in runs_of(w.dataset)),
         preds=lambda w: " ".join(
-            f"{m}={R}/{w.dataset}/predictions/{m}.h5ad" for m in models_of(w.dataset)
+            f"{r}={R}/{w.dataset}/predictions/{r}.h5ad" for r in runs_of(w.dataset)
         ),
         ceiling=lambda w: (
             f"--ceiling-dir {R}/{w.dataset}/eval/ceiling" if config["ceiling"] else ""

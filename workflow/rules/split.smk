@@ -5,13 +5,12 @@ rule split:
     input:
         f"{R}/{{dataset}}/processed.h5ad",
     output:
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        split_files("{dataset}"),
     params:
-        spec=lambda w: json.dumps(entry(w.dataset)["split"], sort_keys=True),
-        seed=lambda w: split_seed(w.dataset),
-        where=lambda w: f"config: datasets.{w.dataset}",
+        entry=lambda w: entry_json(w.dataset),
+        seed=config["seed"],
         lists=lambda w: split_lists(w.dataset),
+        outdir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{R}/{{dataset}}/logs/split.log",
     benchmark:
@@ -22,18 +21,18 @@ rule split:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m lingshu split --processed {input} --spec {params.spec:q} "
-        "--seed {params.seed} --where {params.where:q} --cells {output.cells} "
-        "--conditions {output.conditions} > {log} 2>&1"
+        "python -m lingshu split --processed {input} --entry {params.entry:q} "
+        "--seed {params.seed} --out {params.outdir} > {log} 2>&1"
 
 
 rule truth:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        split=lambda w: split_files(w.dataset),
     output:
         f"{R}/{{dataset}}/truth.h5ad",
+    params:
+        split=split_dir,
     log:
         f"{R}/{{dataset}}/logs/truth.log",
     benchmark:
@@ -44,19 +43,20 @@ rule truth:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m lingshu truth --processed {input.processed} --cells {input.cells} "
-        "--conditions {input.conditions} --out {output} > {log} 2>&1"
+        "python -m lingshu truth --processed {input.processed} --split {params.split} "
+        "--out {output} > {log} 2>&1"
 
 
 rule features:
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
-        cells=f"{R}/{{dataset}}/split/cells.tsv",
-        conditions=f"{R}/{{dataset}}/split/conditions.tsv",
+        split=lambda w: split_files(w.dataset),
     output:
-        f"{R}/{{dataset}}/features.tsv",
+        features=f"{R}/{{dataset}}/features.tsv",
+        used=f"{R}/{{dataset}}/features_used.tsv",
     params:
         entry=lambda w: entry_json(w.dataset),
+        split=split_dir,
         seed=config["seed"],
     log:
         f"{R}/{{dataset}}/logs/features.log",
@@ -68,6 +68,6 @@ rule features:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m lingshu features --processed {input.processed} --cells {input.cells} "
-        "--conditions {input.conditions} --entry {params.entry:q} --seed {params.seed} "
-        "--out {output} > {log} 2>&1"
+        "python -m lingshu features --processed {input.processed} --split {params.split} "
+        "--entry {params.entry:q} --seed {params.seed} --out {output.features} "
+        "--out-used {output.used} > {log} 2>&1"
