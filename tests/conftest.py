@@ -16,6 +16,18 @@ PAPALEXI = SHARED_DATA / "papalexi2021_thp1_eccite_sceptredata.h5ad"
 KANG = SHARED_DATA / "kang2018_ifnb_pbmc_muscat.h5ad"
 
 
+def make_entry(perturbation_type: str = "genetic", split: dict | None = None,
+               name: str = "tiny", **fields):
+    """A parsed :class:`~lingshu.config.DatasetEntry` for tests (source and split are required
+    by the schema; the default split draws one test perturbation)."""
+    from lingshu.config import DatasetEntry
+
+    raw = {"source": {"path": "x.h5ad"},
+           "split": split or {"kind": "heldout_perturbations", "n_test_perturbations": 1},
+           "perturbation_type": perturbation_type, **fields}
+    return DatasetEntry.parse(name, raw)
+
+
 def make_processed(n_genes: int = 40, contexts=("A", "B"), perts=("G1", "G2", "G3", "G4"),
                    n_per: int = 30, n_ctrl: int = 60, seed: int = 0) -> ad.AnnData:
     """A tiny processed dataset: canonical columns, CSR int32 counts, genes G0..G{n-1}.

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lingshu.config import validate_config
+from lingshu.config import DatasetEntry
 from lingshu.errors import InputError
+from lingshu.plan import validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,15 @@ def _break(mutate):
      "datasets.sim_genetic.prior.columns", "perturbation"),
     (lambda c: c["datasets"]["sim_stimulation"]["columns"].update(context=None),
      "datasets.sim_stimulation.columns.context", "context column"),
+    (lambda c: c["models"]["lingshu"].update(variants={"fast": {"finetune_steps": 10}}),
+     "models.lingshu.variants.fast", "not sampling settings"),
+    (lambda c: c["models"]["scldm"].update(variants={"a b": {"guidance": 2}}),
+     "models.scldm.variants", "a b"),
+    (lambda c: c["datasets"]["sim_genetic"].update(
+        model_params={"lingshu": {"variants": {"w3": {"lr": 1.0}}}}),
+     "datasets.sim_genetic.model_params.lingshu.variants.w3", "not sampling settings"),
+    (lambda c: c["models"]["lingshu"].update(variants={"prior": {"prior_injection": True}}),
+     "datasets.sim_genetic", "prior_injection"),
 ])
 def test_schema_errors_name_the_field_and_the_fix(mutate, field, words):
     with pytest.raises(InputError) as info:
@@ -81,3 +91,37 @@ def test_validation_does_not_touch_a_valid_config_beyond_defaults():
     validate_config(cfg)
     assert cfg["datasets"]["sim_genetic"]["source"] == before["datasets"]["sim_genetic"]["source"]
     assert cfg["models"] == before["models"]
+
+
+def test_a_dataset_entry_is_parsed_once_with_every_default():
+    cfg = _default()
+    validate_config(cfg)
+    raw = _default()["datasets"]["sim_stimulation"]
+    entry = DatasetEntry.parse("sim_stimulation", raw)
+    assert entry.perturbation_type == "stimulation" and not entry.genetic
+    assert entry.columns.context == "cell_type" and entry.columns.control == "control"
+    assert entry.qc.min_counts_per_cell == 0 and entry.min_cells_per_condition == 10
+    assert entry.split["reference_fraction"] == 0.1  # schema default filled
+    assert DatasetEntry.from_json(entry.to_json()) == entry
+    assert raw == _default()["datasets"]["sim_stimulation"]  # the raw entry is not modified
+
+
+def test_a_bad_dataset_entry_names_the_dataset_and_field():
+    raw = _default()["datasets"]["sim_genetic"]
+    raw["qc"] = {"min_counts_per_cell": -1}
+    with pytest.raises(InputError, match=r"datasets\.sim_genetic\.qc\.min_counts_per_cell"):
+        DatasetEntry.parse("sim_genetic", raw)
+    with pytest.raises(InputError, match="--entry"):
+        DatasetEntry.from_json('{"source": {}}')
+
+
+def test_targets_of_perturbations_follow_the_entry():
+    genetic = DatasetEntry.parse("g", {"source": {"path": "x"}, "combo_separator": "_",
+                                       "split": {"kind": "heldout_perturbations",
+                                                 "n_test_perturbations": 1}})
+    assert genetic.targets(["A_B", "C", "control"], ["A", "B"]) == {
+        "A_B": ["A", "B"], "C": [], "control": []}
+    stim = DatasetEntry.parse("s", {"source": {"path": "x"}, "perturbation_type": "stimulation",
+                                    "split": {"kind": "heldout_perturbations",
+                                              "n_test_perturbations": 1}})
+    assert stim.targets(["A"], ["A"]) == {"A": []}

@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
 from lingshu.data.split import make_split, write_split
 from lingshu.io import write_table
-from lingshu.models.registry import load_model
-from lingshu.stages import compute_features
+from lingshu.data.features import compute_features
+from lingshu.models.harness import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY = {"perturbation_type": "genetic"}
+ENTRY = make_entry("genetic")
 PARAMS = {"preset": "tiny", "pretrain_steps": 4, "finetune_steps": 4, "batch_size": 8,
           "micro_batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2}
 
@@ -37,7 +37,7 @@ def inputs(tmp_path_factory):
     adata.write_h5ad(root / "processed.h5ad")
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
-    write_split(split, root / "cells.tsv", root / "conditions.tsv")
+    write_split(split, root / "split")
     features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
     write_table(features.reset_index(), root / "features.tsv")
     return root
@@ -51,9 +51,9 @@ def _torchrun(command: str, root: Path, out: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "lingshu", command, "--processed", str(root / "processed.h5ad"),
-           "--cells", str(root / "cells.tsv"), "--conditions", str(root / "conditions.tsv"),
+           "--split", str(root / "split"),
            "--features", str(root / "features.tsv"), "--model", "lingshu",
-           "--params", json.dumps(PARAMS), "--entry", json.dumps(ENTRY), "--seed", "0",
+           "--params", json.dumps(PARAMS), "--entry", ENTRY.to_json(), "--seed", "0",
            "--workdir", str(root / "work"), "--out", str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

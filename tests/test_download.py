@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lingshu.data.download import fetch, materialize_source, sha256_file
+from lingshu.data.download import fetch, materialize_source
 from lingshu.errors import InputError
+from lingshu.io import sha256_file
 
 
 class _State:

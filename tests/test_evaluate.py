@@ -56,11 +56,14 @@ def make_truth(
     return ad.AnnData(X=sp.csr_matrix(X) if sparse else X, obs=obs, var=var)
 
 
-def make_prediction(truth: ad.AnnData, kind: str) -> ad.AnnData:
-    """A prediction file as the model stages write it (real controls copied in).
+def make_prediction(truth: ad.AnnData, kind: str, with_controls: bool = False) -> ad.AnnData:
+    """A prediction file as the predict stage writes it: the predicted cells of every test
+    condition only (the evaluation adds the truth's real control cells itself).
 
     kind: ``perfect`` (the truth itself), ``control_mean`` (each context's control pseudobulk),
     ``perturbation_mean`` (each context's mean over all its perturbed cells).
+    with_controls: append the truth's control cells, flagged ``is_real_control`` (the layout
+    predictions had before; still accepted, the controls are not used).
     """
     pred = truth.copy()
     X = pred.X.toarray() if sp.issparse(pred.X) else pred.X.copy()
@@ -72,8 +75,12 @@ def make_prediction(truth: ad.AnnData, kind: str) -> ad.AnnData:
             source = in_ctx & is_ctrl if kind == "control_mean" else in_ctx & ~is_ctrl
             X[in_ctx & ~is_ctrl] = X[source].mean(axis=0)
     pred.X = X
-    pred.obs["is_real_control"] = is_ctrl
-    pred.uns["lingshu"] = {"model": kind}
+    if with_controls:
+        pred.obs["is_real_control"] = is_ctrl
+        pred = pred[np.r_[np.flatnonzero(~is_ctrl), np.flatnonzero(is_ctrl)]].copy()
+    else:
+        pred = pred[~is_ctrl].copy()
+    pred.uns["lingshu"] = {"model": kind, "run": kind, "sampling": "{}", "space": "log1p_cp10k"}
     return pred
 
 
@@ -133,11 +140,49 @@ def test_two_contexts_sparse_truth(tmp_path):
 
 
 def test_edited_controls_are_replaced_by_the_real_ones(truth, results, tmp_path):
-    pred = make_prediction(truth, "perfect")
+    pred = make_prediction(truth, "perfect", with_controls=True)
     is_ctrl = (pred.obs[PERT_COL] == CONTROL).to_numpy()
     pred.X[is_ctrl] = pred.X[is_ctrl] + 1.0  # a model that shifts its controls
     table = evaluate_predictions(truth, pred, str(tmp_path), progress=False)
     assert np.allclose(table["pearson_delta"], 1.0)
+
+
+def test_controls_come_from_the_truth_whatever_the_prediction_holds(truth, tmp_path):
+    """A prediction file without control cells is scored exactly like the same prediction
+    with the truth's control cells appended, and one whose controls were edited is still
+    scored against the real controls."""
+    plain = make_prediction(truth, "perturbation_mean")
+    assert CONTROL not in set(plain.obs[PERT_COL]) and "is_real_control" not in plain.obs
+    appended = make_prediction(truth, "perturbation_mean", with_controls=True)
+    is_ctrl = (appended.obs[PERT_COL] == CONTROL).to_numpy()
+    assert is_ctrl.sum() == (truth.obs[PERT_COL] == CONTROL).sum()
+    edited = appended.copy()
+    rng = np.random.default_rng(0)
+    # a model that edits its controls gene by gene (not a constant shift, which some
+    # metrics would not notice): silence half the genes, double the others
+    scale = np.where(rng.random(edited.n_vars) < 0.5, 0.0, 2.0).astype(np.float32)
+    edited.X[is_ctrl] = edited.X[is_ctrl] * scale
+    truth.write_h5ad(tmp_path / "truth.h5ad")
+    tables = {}
+    for name, pred in (("plain", plain), ("appended", appended), ("edited", edited)):
+        pred.write_h5ad(tmp_path / f"{name}.h5ad")
+        evaluate_to_dir(str(tmp_path / "truth.h5ad"), str(tmp_path / f"{name}.h5ad"),
+                        str(tmp_path / name))
+        tables[name] = {f: pd.read_csv(tmp_path / name / f, sep="\t")
+                        for f in ("per_condition.tsv", "distribution.tsv")}
+    for name in ("appended", "edited"):
+        for f in ("per_condition.tsv", "distribution.tsv"):
+            pd.testing.assert_frame_equal(tables[name][f], tables["plain"][f], obj=f"{name} {f}")
+    assert len(tables["plain"]["per_condition.tsv"]) == len(PERTS)
+    # the edit does change the scores when those controls are taken as the real ones
+    fake = truth.copy()
+    fake_ctrl = (fake.obs[PERT_COL] == CONTROL).to_numpy()
+    fake.X = np.asarray(fake.X, dtype=np.float32)
+    fake.X[fake_ctrl] = fake.X[fake_ctrl] * scale
+    evaluate_predictions(fake, plain, str(tmp_path / "fake"), progress=False)
+    with_fake = pd.read_csv(tmp_path / "fake" / "per_condition.tsv", sep="\t")
+    with pytest.raises(AssertionError):
+        pd.testing.assert_frame_equal(with_fake, tables["plain"]["per_condition.tsv"])
 
 
 def test_ceiling(truth, tmp_path):
@@ -155,8 +200,11 @@ def test_evaluate_to_dir_writes_summary(truth, tmp_path):
     make_prediction(truth, "control_mean").write_h5ad(pred_path)
     evaluate_to_dir(str(truth_path), str(pred_path), str(tmp_path / "out"), threads=1)
     summary = read_summary(str(tmp_path / "out"))
-    assert summary["model"] == "control_mean"
+    assert summary["model"] == "control_mean" and summary["sampling"] == {}
     assert summary["n_conditions"] == len(PERTS)
+    distribution = pd.read_csv(tmp_path / "out" / "distribution.tsv", sep="\t")
+    assert sorted(distribution[PERT_COL]) == list(PERTS)
+    assert {"pearson_mean", "mmd", "wasserstein"} <= set(distribution.columns)
     assert summary["seconds"] > 0
     assert "overlap_at_N" in summary["metrics"] and "spearman_nsig" in summary["metrics"]
     json.loads((tmp_path / "out" / "summary.json").read_text())  # valid JSON (no NaN tokens)
@@ -164,6 +212,27 @@ def test_evaluate_to_dir_writes_summary(truth, tmp_path):
     evaluate_to_dir(str(truth_path), None, str(tmp_path / "ceiling"), ceiling=True)
     ceiling = read_summary(str(tmp_path / "ceiling"))
     assert ceiling["ceiling"] and np.isnan(ceiling["metrics"]["mae"])
+
+
+def test_summary_names_the_run_and_its_sampling(truth, tmp_path):
+    truth_path = tmp_path / "truth.h5ad"
+    truth.write_h5ad(truth_path)
+    variant = make_prediction(truth, "perfect")
+    variant.uns["lingshu"] = {"model": "lingshu", "run": "lingshu@w3",
+                              "sampling": json.dumps({"guidance": 3.0})}
+    unnamed = make_prediction(truth, "perfect")
+    del unnamed.uns["lingshu"]
+    model_only = make_prediction(truth, "perfect")
+    model_only.uns["lingshu"] = {"model": "linear"}
+    expected = {"variant": ("lingshu@w3", {"guidance": 3.0}), "stem_name": ("stem_name", {}),
+                "model_only": ("linear", {})}
+    for name, pred in (("variant", variant), ("stem_name", unnamed), ("model_only", model_only)):
+        pred.write_h5ad(tmp_path / f"{name}.h5ad")
+        evaluate_to_dir(str(truth_path), str(tmp_path / f"{name}.h5ad"), str(tmp_path / name))
+        summary = read_summary(str(tmp_path / name))
+        assert (summary["model"], summary["sampling"]) == expected[name], name
+    evaluate_to_dir(str(truth_path), None, str(tmp_path / "ceiling"), ceiling=True)
+    assert read_summary(str(tmp_path / "ceiling"))["model"] == "data ceiling"
 
 
 def test_summarize_balances_contexts():
@@ -239,11 +308,14 @@ def test_gene_order_mismatch_raises(truth, tmp_path):
         evaluate_predictions(truth, pred, str(tmp_path), progress=False)
 
 
-def test_missing_control_raises(truth, tmp_path):
-    pred = make_prediction(truth, "perfect")
-    pred = pred[pred.obs[PERT_COL] != CONTROL].copy()
+def test_truth_without_controls_raises(truth, tmp_path):
+    # the real controls come from the truth: a context without any cannot be scored
+    no_ctrl = truth[(truth.obs[PERT_COL] != CONTROL).to_numpy()].copy()
+    with pytest.raises(InputError, match="no 'control' cells in context 'A'"):
+        evaluate_predictions(no_ctrl, make_prediction(truth, "perfect"), str(tmp_path),
+                             progress=False)
     with pytest.raises(InputError, match="control"):
-        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+        evaluate_predictions(no_ctrl, None, str(tmp_path), ceiling=True, progress=False)
 
 
 def test_missing_perturbation_raises(truth, tmp_path):
@@ -253,12 +325,14 @@ def test_missing_perturbation_raises(truth, tmp_path):
         evaluate_predictions(truth, pred, str(tmp_path), progress=False)
 
 
-def test_control_count_mismatch_raises(truth, tmp_path):
-    pred = make_prediction(truth, "perfect")
+def test_a_prediction_with_some_controls_is_scored_against_all_real_ones(truth, tmp_path):
+    pred = make_prediction(truth, "perturbation_mean", with_controls=True)
     drop = pred.obs_names[(pred.obs[PERT_COL] == CONTROL).to_numpy()][:5]
-    pred = pred[~pred.obs_names.isin(drop)].copy()
-    with pytest.raises(InputError, match="control cells"):
-        evaluate_predictions(truth, pred, str(tmp_path), progress=False)
+    partial = pred[~pred.obs_names.isin(drop)].copy()
+    pd.testing.assert_frame_equal(
+        evaluate_predictions(truth, partial, str(tmp_path / "partial"), progress=False),
+        evaluate_predictions(truth, make_prediction(truth, "perturbation_mean"),
+                             str(tmp_path / "plain"), progress=False))
 
 
 def test_raw_counts_raise(truth, tmp_path):

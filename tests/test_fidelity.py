@@ -184,6 +184,11 @@ def test_condition_fidelity_per_condition_ignores_controls():
                     real_control=[p == "control" for _, p in conds[:91]] + [True] * 10
                     + [False] * 10)
     table = condition_fidelity(truth, pred, n_components=5)
+    # a prediction as the predict stage writes it (predicted cells only, no is_real_control
+    # column) scores the same
+    only = pred[~pred.obs["is_real_control"].to_numpy()].copy()
+    only.obs = only.obs.drop(columns=["is_real_control"])
+    pd.testing.assert_frame_equal(condition_fidelity(truth, only, n_components=5), table)
     assert list(zip(table["context"], table["perturbation"], strict=True)) == [
         ("A", "P1"), ("A", "P2"), ("B", "P3")]
     assert list(table["n_truth"]) == [30, 30, 1] and list(table["n_pred"]) == [30, 30, 1]

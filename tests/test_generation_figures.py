@@ -1,4 +1,5 @@
-"""Figures of generation fidelity: each writes a PNG atomically and checks its inputs."""
+"""Figures of generation fidelity: each writes a PNG atomically and checks its inputs; the
+evaluation writes the scores and the report draws the figures from them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from matplotlib import image
 
-from lingshu.report import generation_figures as figs
+from lingshu.report import generation as figs
 
 
 def _cells(n_per=60, n_genes=40, seed=0, prefix="c"):
@@ -105,3 +106,58 @@ def test_other_genes_are_refused(sets, tmp_path):
     with pytest.raises(ValueError, match="cell_type"):
         figs.marker_dotplot(real, {"x": no_types}, tmp_path / "m.png")
     assert not list(tmp_path.iterdir())
+
+
+def make_generation_dir(folder):
+    """The generation/ folder of a tiny dataset as the pipeline leaves it: one run's generated
+    cells (``<run>.h5ad``) scored by :func:`evaluate_generation`. Returns (adata, split)."""
+    from conftest import make_processed
+
+    from lingshu.data.normalize import log1p_cp10k
+    from lingshu.data.split import make_split
+    from lingshu.evaluate.generation import evaluate_generation
+    from lingshu.io import write_h5ad
+
+    adata = make_processed(n_genes=40)
+    split = make_split(adata.obs, {"kind": "heldout_perturbations", "test_perturbations": ["G1"],
+                                   "reference_fraction": 0.2}, seed=0)
+    n = int(split.reference_rows().size)
+    rows = np.flatnonzero(split.cells["in_train"].to_numpy())[::2][:n]  # stand-in "generated"
+    counts = sp.csr_matrix(adata.X[rows], dtype=np.float32)
+    gen = ad.AnnData(X=sp.csr_matrix(log1p_cp10k(counts), dtype=np.float32),
+                     obs=pd.DataFrame(index=[f"gen_{i}" for i in range(n)]),
+                     var=pd.DataFrame(index=adata.var_names.astype(str)))
+    gen.layers["counts"] = counts
+    gen.uns["lingshu"] = {"model": "model_a", "run": "model_a", "generate_seconds": 1.5}
+    write_h5ad(gen, folder / "model_a.h5ad")
+    evaluate_generation(adata, split, {"model_a": str(folder / "model_a.h5ad")}, folder, seed=0)
+    return adata, split
+
+
+def test_evaluation_writes_scores_and_the_report_draws_the_figures(tmp_path):
+    from lingshu.evaluate.generation import REAL_FLOOR, REAL_REFERENCE
+    from lingshu.io import read_table
+
+    gen_dir = tmp_path / "generation"
+    _, split = make_generation_dir(gen_dir)
+    # the evaluation writes scores only: no figures, no Markdown
+    assert sorted(p.name for p in gen_dir.iterdir()) == [
+        "cell_types.tsv", "model_a.h5ad", "reference.h5ad", "table.tsv"]
+    table = read_table(gen_dir / "table.tsv")
+    assert list(table["model"]) == ["model_a", REAL_FLOOR, REAL_REFERENCE]
+    reference = ad.read_h5ad(gen_dir / "reference.h5ad")
+    assert reference.n_obs == split.reference_rows().size
+    assert list(reference.obs_names) == list(split.cells.index[split.reference_rows()])
+    labels = read_table(gen_dir / "cell_types.tsv")
+    assert set(labels["run"]) == {"model_a"} and len(labels) == reference.n_obs
+
+    drawn, pngs = figs.draw_generation(gen_dir, tmp_path / "report", seed=0)
+    assert [p.name for p in pngs] == figs.figure_names()
+    assert sorted(p.name for p in (tmp_path / "report" / "figures").iterdir()) == sorted(
+        figs.figure_names())
+    for png in pngs:
+        assert png.stat().st_size > 1000 and image.imread(png).shape[2] in (3, 4)
+    assert (tmp_path / "report" / "table.md").read_text() == figs.to_markdown(drawn)
+    assert "model_a" in figs.to_markdown(drawn)
+    assert sorted(p.name for p in gen_dir.iterdir()) == [  # the scores are left as they were
+        "cell_types.tsv", "model_a.h5ad", "reference.h5ad", "table.tsv"]

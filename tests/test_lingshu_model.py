@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from lingshu.data.split import make_split
-from lingshu.models.registry import build_model, load_model
-from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+from lingshu.data.features import compute_features
+from lingshu.data.truth import build_truth
+from lingshu.models.harness import build_model, load_model, predict_conditions, training_data
 
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
 TINY = {"preset": "tiny", "pretrain_steps": 20, "finetune_steps": 40, "batch_size": 16,
         "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20, "sample_batch": 64}
-ENTRY = {"perturbation_type": "genetic"}
+ENTRY = make_entry("genetic")
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +42,20 @@ def test_pretrain_and_finetune_write_their_state(fitted):
 def test_prediction_format_and_reload(fitted):
     adata, split, model, work = fitted
     truth = build_truth(adata, split)
-    pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
-    assert list(pred.var_names) == list(truth.var_names)
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
+    assert list(pred.var_names) == list(adata.var_names) == list(truth.var_names)
+    # the predicted cells only (the evaluation adds the truth's real control cells)
     key = ["context", "perturbation"]
+    held_out = truth.obs[~truth.obs["is_real_control"].to_numpy()]
     assert (pred.obs.groupby(key).size().sort_index()
-            .equals(truth.obs.groupby(key).size().sort_index()))
-    x = pred[~pred.obs["is_real_control"].to_numpy()].X.toarray()
+            .equals(held_out.groupby(key).size().sort_index()))
+    assert "control" not in set(pred.obs["perturbation"])
+    x = pred.X.toarray()
     assert np.isfinite(x).all() and x.min() >= 0 and x.max() < 15
     # library-size normalised: every predicted cell with counts sums to 1e4 in CP10k
     sums = np.expm1(x).sum(axis=1)
     assert np.allclose(sums[sums > 0], 1e4, rtol=1e-3)
-    again = predict_conditions(load_model(str(work / "model.npz")), adata, split, truth,
+    again = predict_conditions(load_model(str(work / "model.npz")), adata, split,
                                seed=0, progress=False)
     np.testing.assert_array_equal(again.X.toarray(), pred.X.toarray())
 
@@ -77,14 +81,31 @@ def test_predictions_depend_on_the_condition(fitted):
         model.predict(ConditionInput("Z", "G2", ctrl, 2), np.random.default_rng(0))
 
 
+def test_sampling_settings_of_a_fitted_model(fitted):
+    from lingshu.errors import InputError
+    from lingshu.models.base import load_state
+
+    _, _, model, work = fitted
+    _, meta = load_state(work / "model.npz")
+    assert meta["perturbation_type"] == "genetic" and "guidance" not in meta
+    assert model.guidance() == 2.0  # SPEC 1.4's default for genetic data
+    loaded = load_model(str(work / "model.npz"), sampling={"guidance": 0.5, "sample_steps": 1})
+    assert loaded.guidance() == 0.5 and loaded.cfg["sample_steps"] == 1
+    assert load_model(str(work / "model.npz")).guidance() == 2.0  # the file is unchanged
+    loaded.perturbation_type = "stimulation"
+    loaded.set_sampling({"guidance": None})
+    assert loaded.guidance() == 3.0  # SPEC 1.4's default for stimulation data
+    with pytest.raises(InputError, match="not sampling settings"):
+        load_model(str(work / "model.npz"), sampling={"finetune_steps": 3})
+
+
 def test_unknown_parameter_is_named():
     with pytest.raises(ValueError, match="pretrain_stepz"):
         build_model("lingshu", {"pretrain_stepz": 3})
 
 
 def test_unconditional_generation_from_the_pretrained_model(fitted):
-    from lingshu.generation import generate_cells
-    from lingshu.models.registry import load_generator
+    from lingshu.models.harness import generate_cells, load_generator
 
     adata, _, _, work = fitted
     params = dict(TINY, unconditional_steps=12)
@@ -105,27 +126,27 @@ def test_unconditional_generation_from_the_pretrained_model(fitted):
 
 def test_prior_injection_fixes_the_prior_genes(fitted, monkeypatch):
     """With prior_injection, a condition's prior genes start at count 1 and stay there."""
-    from lingshu.models import lingshu_cell
     from lingshu.models.base import ConditionInput
+    from lingshu.models.mddm import model as mddm_model
 
     adata, _, model, _ = fitted
     seen = []
-    real = lingshu_cell.sample
+    real = mddm_model.sample
 
     def spy(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lingshu_cell, "sample", spy)
+    monkeypatch.setattr(mddm_model, "sample", spy)
     ctrl = adata[(adata.obs["perturbation"] == "control").to_numpy()].X[:5]
     cond = ConditionInput("A", "G2", ctrl, 40, prior_genes=("G2", "G7", "NOT_IN_PANEL"))
     plain = model.predict(cond, np.random.default_rng(0))
     assert "fixed_mask" not in seen[-1]  # prior_injection is off by default
-    model.cfg["prior_injection"] = True
+    model.set_sampling({"prior_injection": True})
     try:
         x = model.predict(cond, np.random.default_rng(0))
     finally:
-        model.cfg["prior_injection"] = False
+        model.set_sampling({"prior_injection": False})
     mask = seen[-1]["fixed_mask"]
     assert mask.sum() == 2 and bool(mask[2]) and bool(mask[7])
     assert (seen[-1]["fixed_tokens"][mask] == 1).all()

@@ -5,19 +5,22 @@ import pytest
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.rows import MemoryRows, group_means
 from lingshu.data.split import make_split
-from lingshu.models.registry import BASELINES, build_model, load_model
-from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+from lingshu.data.features import compute_features
+from lingshu.data.truth import build_truth
+from lingshu.models.harness import build_model, load_model, predict_conditions, training_data
+from lingshu.models.spec import all_specs
 
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
 SPEC = {"kind": "heldout_perturbations", "test_perturbations": ["G2", "G3"]}
-ENTRY = {"perturbation_type": "genetic"}
+ENTRY = make_entry("genetic", split=SPEC)
+BASELINES = ("control_mean", "perturbation_mean", "linear")
 
 
 def _fit(name, adata, split, params=None):
     features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
     model = build_model(name, params)
-    model.fit(training_data(adata, split, features, seed=0))
+    model.fit(training_data(adata, split, features, seed=0, entry=ENTRY))
     return model, features
 
 
@@ -43,21 +46,24 @@ def test_prediction_format(tiny_processed, name, tmp_path):
     model, _ = _fit(name, tiny_processed, split)
     model.save(tmp_path / "m.npz")
     model = load_model(str(tmp_path / "m.npz"))
-    pred = predict_conditions(model, tiny_processed, split, truth, seed=0, progress=False)
-    # same genes in the same order, the same conditions and cell counts, real controls included
+    pred = predict_conditions(model, tiny_processed, split, seed=0, progress=False)
+    # the processed data's genes in its order, the truth's test conditions and cell counts,
+    # and the predicted cells only: the evaluation adds the real control cells itself
+    assert list(pred.var_names) == list(tiny_processed.var_names)
     assert list(pred.var_names) == list(truth.var_names)
+    assert sorted(pred.obs.columns) == ["context", "perturbation"]
+    assert "control" not in set(pred.obs["perturbation"])
     key = ["context", "perturbation"]
+    held_out = truth.obs[~truth.obs["is_real_control"].to_numpy()]
     assert (pred.obs.groupby(key).size().sort_index()
-            .equals(truth.obs.groupby(key).size().sort_index()))
-    ctrl_pred = pred[pred.obs["is_real_control"].to_numpy()]
-    ctrl_truth = truth[truth.obs["is_real_control"].to_numpy()]
-    np.testing.assert_array_equal(ctrl_pred.X.toarray(), ctrl_truth.X.toarray())
-    assert pred.uns["lingshu"]["model"] == name
+            .equals(held_out.groupby(key).size().sort_index()))
+    assert pred.n_obs == int(split.test_conditions()["n_cells"].sum())
+    assert pred.uns["lingshu"]["model"] == name and pred.uns["lingshu"]["run"] == name
     assert np.isfinite(pred.X.toarray()).all() and pred.X.min() >= 0
 
 
-def _profile(model, adata, split, truth, ctx, pert):
-    pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
+def _profile(model, adata, split, ctx, pert):
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
     sel = ((pred.obs["context"] == ctx) & (pred.obs["perturbation"] == pert)).to_numpy()
     return np.asarray(pred[sel].X.mean(axis=0)).ravel()
 
@@ -69,7 +75,7 @@ def test_baselines_on_a_known_case(tiny_processed):
     ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
 
     control_model, _ = _fit("control_mean", tiny_processed, split)
-    pred = predict_conditions(control_model, tiny_processed, split, truth, seed=0, progress=False)
+    pred = predict_conditions(control_model, tiny_processed, split, seed=0, progress=False)
     sel = ((pred.obs["context"] == "A") & (pred.obs["perturbation"] == "G2")).to_numpy()
     # the predicted cells are real control cells (30 of the 30 held-out controls of A)
     ctrl_rows = {tuple(r) for r in ctrl.X.toarray().round(5)}
@@ -81,7 +87,7 @@ def test_baselines_on_a_known_case(tiny_processed):
     train = tiny_processed[split.cells["in_train"].to_numpy()]
     a_pert = train[((train.obs["context"] == "A") & (train.obs["perturbation"] != "control")).to_numpy()]
     expected = np.asarray(log1p_cp10k(a_pert.X).mean(axis=0)).ravel()
-    np.testing.assert_allclose(_profile(pm, tiny_processed, split, truth, "A", "G2"),
+    np.testing.assert_allclose(_profile(pm, tiny_processed, split, "A", "G2"),
                                expected, rtol=1e-5)
 
 
@@ -117,7 +123,7 @@ def test_linear_model_transfers_through_target_features():
     ctrl = truth[truth.obs["is_real_control"].to_numpy()]
     ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
     for target, module in (("M1_3", 1), ("M2_5", 2)):
-        change = _profile(model, adata, split, truth, "A", target) - ctrl_mean
+        change = _profile(model, adata, split, "A", target) - ctrl_mean
         in_module = change[module * 10:(module + 1) * 10].mean()
         others = np.delete(change, np.s_[module * 10:(module + 1) * 10]).mean()
         assert in_module < -0.3 and in_module < others - 0.3
@@ -129,7 +135,7 @@ def test_linear_model_combination_split_transfers_shift():
         {"context": "A", "perturbation": "G1"}]}, seed=0)
     truth = build_truth(adata, split)
     model, _ = _fit("linear", adata, split)
-    prof = _profile(model, adata, split, truth, "A", "G1")
+    prof = _profile(model, adata, split, "A", "G1")
     ctrl = truth[truth.obs["is_real_control"].to_numpy()]
     ctrl_mean = np.asarray(ctrl.X.mean(axis=0)).ravel()
     assert prof[1] < ctrl_mean[1] - 0.5 and prof[11] > ctrl_mean[11] + 0.5
@@ -149,23 +155,28 @@ def test_unknown_model_name():
         build_model("nope")
 
 
+def test_baselines_are_the_registered_baseline_specs():
+    baselines = {name for name, spec in all_specs().items()
+                 if spec.cls.startswith("lingshu.models.baselines.")}
+    assert baselines == set(BASELINES)
+
+
 def test_data_fingerprint_changes_with_the_inputs(tiny_processed):
     from lingshu.data.split import make_split
     from lingshu.models.base import data_fingerprint
-    from lingshu.stages import training_data
 
     split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
                                             "test_perturbations": ["G2"]}, seed=0)
-    data = training_data(tiny_processed, split, None, seed=0)
+    data = training_data(tiny_processed, split, None, seed=0, entry=ENTRY)
     fp = data_fingerprint(data, params={"a": 1})
-    assert fp == data_fingerprint(training_data(tiny_processed, split, None, seed=0),
+    assert fp == data_fingerprint(training_data(tiny_processed, split, None, seed=0, entry=ENTRY),
                                   params={"a": 1})
     assert fp != data_fingerprint(data, params={"a": 2})
-    assert fp != data_fingerprint(training_data(tiny_processed, split, None, seed=1),
+    assert fp != data_fingerprint(training_data(tiny_processed, split, None, seed=1, entry=ENTRY),
                                   params={"a": 1})
     other = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
                                             "test_perturbations": ["G3"]}, seed=0)
-    assert fp != data_fingerprint(training_data(tiny_processed, other, None, seed=0),
+    assert fp != data_fingerprint(training_data(tiny_processed, other, None, seed=0, entry=ENTRY),
                                   params={"a": 1})
 
 
@@ -173,14 +184,14 @@ def test_stages_read_a_backed_file_as_in_memory(tiny_processed, tmp_path):
     """The stages read only the rows they need from the backed processed file: same results."""
     import pandas as pd
 
-    from lingshu.models.features import gene_embedding
+    from lingshu.data.features import gene_embedding
 
     adata = tiny_processed
     adata.write_h5ad(tmp_path / "p.h5ad")
     backed = ad.read_h5ad(tmp_path / "p.h5ad", backed="r")
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
-    entry = {"perturbation_type": "genetic"}
+    entry = make_entry("genetic")
     pd.testing.assert_frame_equal(compute_features(backed, split, entry, n_components=4, seed=3),
                                   compute_features(adata, split, entry, n_components=4, seed=3))
     a, b = build_truth(backed, split), build_truth(adata, split)

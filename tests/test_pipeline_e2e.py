@@ -1,6 +1,10 @@
-"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 5 minutes, two runs)."""
+"""The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 5 minutes,
+two runs): every model, sampling variants from one fit, a sampling edit that re-runs sampling
+only, and a rerun from scratch that gives the same numbers."""
 
+import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,23 +32,33 @@ TINY = {
         },
     },
     "models": {"control_mean": {}, "perturbation_mean": {}, "linear": {"ridge": 0.1},
+               # Three guidance settings of one fit: rows lingshu, lingshu@w0, lingshu@w3.
                "lingshu": {"preset": "tiny", "pretrain_steps": 10, "finetune_steps": 20,
                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10,
-                           "unconditional_steps": 24, "threads": 1},
+                           "unconditional_steps": 24, "threads": 1, "guidance": 1.0,
+                           "variants": {"w0": {"guidance": 0.0}, "w3": {"guidance": 3.0}}},
                "state": {"preset": "tiny", "threads": 1},
                "scldm": {"preset": "tiny", "threads": 1}},
 }
 
 
-def _run_tiny(results: Path, tmp_path: Path) -> None:
-    """Run the pipeline on the TINY config into ``results`` (a fresh folder)."""
-    config_path = tmp_path / f"{results.name}.yaml"
-    config_path.write_text(yaml.safe_dump(dict(TINY, results_dir=str(results))))
+def _run_tiny(results: Path, tmp_path: Path, config: dict = TINY, *extra: str,
+              name: str | None = None) -> subprocess.CompletedProcess:
+    """Run the pipeline on ``config`` into ``results`` (extra: more Snakemake arguments)."""
+    config_path = tmp_path / f"{name or results.name}.yaml"
+    config_path.write_text(yaml.safe_dump(dict(config, results_dir=str(results))))
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-         "--directory", str(ROOT), "--configfile", str(config_path), "--cores", "2"],
+         "--directory", str(ROOT), "--configfile", str(config_path), "--cores", "2", *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def _planned_jobs(dry_run: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's job stats."""
+    stats = (dry_run.stdout + dry_run.stderr).split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
 
 
 @pytest.mark.slow
@@ -54,8 +68,17 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
 
     ds = results / "tiny_genetic"
     table = pd.read_csv(ds / "report" / "table.tsv", sep="\t")
-    assert {"control_mean", "perturbation_mean", "linear", "lingshu", "state", "scldm"} <= set(
-        table["model"])
+    assert {"control_mean", "perturbation_mean", "linear", "lingshu", "state", "scldm",
+            "lingshu@w0", "lingshu@w3"} <= set(table["model"])
+    # Three guidance settings, one pre-training and one fit, and three different predictions.
+    lingshu_jobs = sorted(p.name for p in (ds / "benchmarks").glob("*lingshu*"))
+    assert [j for j in lingshu_jobs if j.startswith(("pretrain", "fit"))] == [
+        "fit_lingshu.tsv", "pretrain_lingshu.tsv"]
+    assert {"predict_lingshu.tsv", "predict_lingshu@w0.tsv", "predict_lingshu@w3.tsv"} <= set(
+        lingshu_jobs)
+    rows = table.set_index("model")
+    assert len({rows.loc[r, "MAE"] for r in ("lingshu", "lingshu@w0", "lingshu@w3")}) == 3
+    assert "variant" in (ds / "report" / "report.html").read_text()
     assert (ds / "models" / "lingshu" / "pretrain.pt").exists()
     assert (ds / "report" / "report.html").stat().st_size > 10_000
     assert (results / "index.html").exists()
@@ -73,12 +96,27 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
     assert {"lingshu", "scldm", "real (training cells)"} <= set(generation["model"])
     assert (generation.loc[generation["model"] != "real (reference cells)", "n_cells"] == 60).all()
     for name in ("fidelity_bars", "umap", "markers", "histograms"):
-        assert (ds / "generation" / "figures" / f"{name}.png").stat().st_size > 1000, name
+        assert (ds / "report" / "generation" / "figures" / f"{name}.png").stat().st_size > 1000, name
     page = (ds / "report" / "report.html").read_text()
     assert "Generation fidelity" in page and "Distribution of the predicted cells" in page
     assert "Held-out conditions per context" in page  # two contexts
     for rule in ("generate_lingshu", "generate_scldm", "generation_eval"):
         assert (ds / "benchmarks" / f"{rule}.tsv").exists(), rule
+    assert not (ds / "benchmarks" / "generate_lingshu@w3.tsv").exists()  # guidance: no effect
+
+    # Editing only sampling settings (guidance) re-runs sampling, evaluation and the report,
+    # never a pre-training or fitting job; a training setting retrains.
+    edited = copy.deepcopy(TINY)
+    edited["models"]["lingshu"]["guidance"] = 2.0
+    edited["models"]["scldm"]["guidance"] = 2.0
+    jobs = _planned_jobs(_run_tiny(results, tmp_path, edited, "-n", name="edited"))
+    assert "pretrain_model" not in jobs and "fit_model" not in jobs, jobs
+    assert "generate" not in jobs, jobs  # guidance does not change unconditional generation
+    assert jobs["predict"] == 2 and jobs["evaluate"] == 2 and jobs["report"] == 1, jobs
+    retrained = copy.deepcopy(TINY)
+    retrained["models"]["lingshu"]["finetune_steps"] = 21
+    jobs = _planned_jobs(_run_tiny(results, tmp_path, retrained, "-n", name="retrained"))
+    assert jobs.get("fit_model") == 1 and "pretrain_model" not in jobs, jobs
 
     # Determinism: a second run from scratch gives the same numbers.
     again = tmp_path / "again"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from lingshu.config import DatasetEntry
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data import preprocess as preprocess_module
 from lingshu.data.preprocess import preprocess, preprocess_file, read_raw, validate_raw
@@ -40,10 +42,11 @@ def make_adata(n_cells: int = 200, n_genes: int = 50, control: str = "NT", seed:
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
 
 
-def make_entry(**overrides) -> dict:
-    """A dataset entry as the schema would leave it (defaults filled)."""
+def make_raw(**overrides) -> dict:
+    """A raw dataset entry as written in a config (``dict`` overrides are merged one level)."""
     entry = {
         "source": {"path": PATH},
+        "split": {"kind": "heldout_perturbations", "n_test_perturbations": 1},
         "columns": {"perturbation": "guide_target", "control": "NT", "context": "cell_line", "batch": "lane"},
         "perturbation_type": "genetic",
         "genes": None,
@@ -58,6 +61,11 @@ def make_entry(**overrides) -> dict:
         else:
             entry[key] = value
     return entry
+
+
+def make_entry(**overrides) -> DatasetEntry:
+    """The parsed dataset entry ``syn`` (validated, defaults filled) of :func:`make_raw`."""
+    return DatasetEntry.parse("syn", make_raw(**overrides))
 
 
 def assert_input_error(func, field: str, *fragments: str, path: str = PATH) -> str:
@@ -79,24 +87,24 @@ def assert_input_error(func, field: str, *fragments: str, path: str = PATH) -> s
 
 
 def _set_value(value: float):
-    def mutate(adata: ad.AnnData, entry: dict) -> None:
+    def mutate(adata: ad.AnnData, raw: dict) -> None:
         adata.X.data[3] = value
     return mutate
 
 
-def _missing_column(adata: ad.AnnData, entry: dict) -> None:
-    entry["columns"]["context"] = "cell_typ"
+def _missing_column(adata: ad.AnnData, raw: dict) -> None:
+    raw["columns"]["context"] = "cell_typ"
 
 
-def _no_control(adata: ad.AnnData, entry: dict) -> None:
-    entry["columns"]["control"] = "non-targeting"
+def _no_control(adata: ad.AnnData, raw: dict) -> None:
+    raw["columns"]["control"] = "non-targeting"
 
 
-def _duplicate_genes(adata: ad.AnnData, entry: dict) -> None:
+def _duplicate_genes(adata: ad.AnnData, raw: dict) -> None:
     adata.var_names = ["G0", "G0"] + list(adata.var_names[2:])
 
 
-def _small_condition(adata: ad.AnnData, entry: dict) -> None:
+def _small_condition(adata: ad.AnnData, raw: dict) -> None:
     # Only 3 cells of P3 in context B.
     labels = adata.obs["guide_target"].astype(str).to_numpy()
     idx = np.flatnonzero((labels == "P3") & (adata.obs["cell_line"].to_numpy() == "B"))
@@ -104,13 +112,13 @@ def _small_condition(adata: ad.AnnData, entry: dict) -> None:
     adata.obs["guide_target"] = labels
 
 
-def _collision(adata: ad.AnnData, entry: dict) -> None:
+def _collision(adata: ad.AnnData, raw: dict) -> None:
     labels = adata.obs["guide_target"].astype(str).replace({"P3": CONTROL})
     adata.obs["guide_target"] = labels
 
 
-def _missing_layer(adata: ad.AnnData, entry: dict) -> None:
-    entry["layer"] = "counts"
+def _missing_layer(adata: ad.AnnData, raw: dict) -> None:
+    raw["layer"] = "counts"
 
 
 BAD_INPUTS = {
@@ -130,10 +138,11 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_clear_error(case):
     mutate, field, fragments = BAD_INPUTS[case]
-    adata, entry = make_adata(), make_entry()
-    mutate(adata, entry)
+    adata, raw = make_adata(), make_raw()
+    mutate(adata, raw)
+    entry = DatasetEntry.parse("syn", raw)
     assert_input_error(lambda: validate_raw(adata, entry, PATH), field, *fragments)
-    assert_input_error(lambda: preprocess(adata, entry, "syn", PATH), field, *fragments)
+    assert_input_error(lambda: preprocess(adata, entry, PATH), field, *fragments)
 
 
 @pytest.mark.parametrize("layout", ["dense", "csc"])
@@ -158,8 +167,8 @@ def test_bad_layer_counts_named_by_layer():
 
 def test_empty_after_qc():
     adata = make_adata()
-    assert_input_error(lambda: preprocess(adata, make_entry(qc={"min_counts_per_cell": 10**9}), "syn", PATH),
-                       "qc", "empty")
+    entry = make_entry(qc={"min_counts_per_cell": 10**9})
+    assert_input_error(lambda: preprocess(adata, entry, PATH), "qc", "empty")
 
 
 def test_condition_small_after_qc():
@@ -171,9 +180,10 @@ def test_condition_small_after_qc():
     X[in_p1_a[:-5], 0] = 1
     adata.X = sp.csr_matrix(X)
     entry = make_entry(qc={"min_counts_per_cell": 5})
-    assert_input_error(lambda: preprocess(adata, entry, "syn", PATH), "min_cells_per_condition",
+    assert_input_error(lambda: preprocess(adata, entry, PATH), "min_cells_per_condition",
                        "A x P1 (5 cells)", "after QC")
-    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 5}, drop_small_conditions=True), "syn", PATH)
+    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 5}, drop_small_conditions=True),
+                     PATH)
     assert not ((out.obs[CONTEXT_COL] == "A") & (out.obs[PERT_COL] == "P1")).any()
 
 
@@ -201,7 +211,7 @@ def test_bad_backed_counts(tmp_path, layout):
 def test_input_not_modified():
     adata = make_adata()
     X_before, obs_before, var_before = adata.X.copy(), adata.obs.copy(), adata.var_names.copy()
-    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 60, "max_pct_mito": 50}), "syn", PATH)
+    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 60, "max_pct_mito": 50}), PATH)
     assert out is not adata
     assert (adata.X != X_before).nnz == 0 and adata.X.dtype == np.float32
     pd.testing.assert_frame_equal(adata.obs, obs_before)
@@ -211,7 +221,7 @@ def test_input_not_modified():
 
 def test_canonical_columns_and_dtypes():
     adata = make_adata()
-    out = preprocess(adata, make_entry(), "syn", PATH)
+    out = preprocess(adata, make_entry(), PATH)
     assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
     assert np.array_equal(out.X.toarray(), adata.X.toarray().astype(np.int32))
     assert set(out.obs[PERT_COL]) == {CONTROL, "P1", "P2", "P3"}
@@ -230,19 +240,23 @@ def test_canonical_columns_and_dtypes():
 
 def test_defaults_without_context_and_batch():
     adata = make_adata()
-    entry = make_entry()
-    entry["columns"] = {"perturbation": "guide_target", "control": "NT"}
-    out = preprocess(adata, entry, "syn", PATH)
+    raw = make_raw()
+    raw["columns"] = {"perturbation": "guide_target", "control": "NT"}
+    entry = DatasetEntry.parse("syn", raw)
+    out = preprocess(adata, entry, PATH)
     assert set(out.obs[CONTEXT_COL]) == {"syn"}  # dataset name when no context_label
     assert out.obs[BATCH_COL].equals(out.obs[CONTEXT_COL])
-    entry["columns"]["context_label"] = "THP-1"
-    assert set(preprocess(adata, entry, "syn", PATH).obs[CONTEXT_COL]) == {"THP-1"}
+    other = preprocess(adata, DatasetEntry.parse("papalexi", raw), PATH)  # the name is the entry's
+    assert set(other.obs[CONTEXT_COL]) == {"papalexi"}
+    assert other.uns["lingshu"]["dataset"] == "papalexi"
+    entry = replace(entry, columns=replace(entry.columns, context_label="THP-1"))
+    assert set(preprocess(adata, entry, PATH).obs[CONTEXT_COL]) == {"THP-1"}
 
 
 def test_existing_canonical_column_is_kept_aside():
     adata = make_adata()
     adata.obs[PERT_COL] = "something else"
-    out = preprocess(adata, make_entry(), "syn", PATH)
+    out = preprocess(adata, make_entry(), PATH)
     assert (out.obs[f"{PERT_COL}_original"] == "something else").all()
     assert set(out.obs[PERT_COL]) == {CONTROL, "P1", "P2", "P3"}
 
@@ -250,7 +264,7 @@ def test_existing_canonical_column_is_kept_aside():
 def test_duplicate_obs_names_made_unique():
     adata = make_adata()
     adata.obs_names = ["same"] * adata.n_obs
-    out = preprocess(adata, make_entry(), "syn", PATH)
+    out = preprocess(adata, make_entry(), PATH)
     assert out.obs_names.is_unique
 
 
@@ -261,7 +275,7 @@ def test_gene_list_alignment(tmp_path):
     genes = ["G10", "NEW1", "G3", "G0", "NEW2"]
     gene_file = tmp_path / "genes.txt"
     gene_file.write_text("# panel\n" + "\n".join(genes) + "\n\n")
-    out = preprocess(adata, make_entry(genes=str(gene_file)), "syn", PATH)
+    out = preprocess(adata, make_entry(genes=str(gene_file)), PATH)
     assert out.var_names.tolist() == genes
     assert out.X.format == "csr" and out.X.dtype == np.int32
     dense = out.X.toarray()
@@ -282,11 +296,11 @@ def test_gene_list_errors(tmp_path):
     adata = make_adata()
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(InputError, match="genes.*does not exist"):
-        preprocess(adata, make_entry(genes=missing), "syn", PATH)
+        preprocess(adata, make_entry(genes=missing), PATH)
     other = tmp_path / "ensembl.txt"
     other.write_text("ENSG000001\nENSG000002\n")
     with pytest.raises(InputError, match="none of the 2 listed genes"):
-        preprocess(adata, make_entry(genes=str(other)), "syn", PATH)
+        preprocess(adata, make_entry(genes=str(other)), PATH)
 
 
 def test_qc_removes_low_count_cells_and_genes():
@@ -297,7 +311,8 @@ def test_qc_removes_low_count_cells_and_genes():
     X[:, 5] = 0
     X[0, 5] = 1  # gene G5 seen in one cell
     adata.X = sp.csr_matrix(X)
-    out = preprocess(adata, make_entry(qc={"min_counts_per_cell": 10, "min_cells_per_gene": 3}), "syn", PATH)
+    entry = make_entry(qc={"min_counts_per_cell": 10, "min_cells_per_gene": 3})
+    out = preprocess(adata, entry, PATH)
     assert out.n_obs == 192 and not set(adata.obs_names[:8]) & set(out.obs_names)
     assert "G5" not in out.var_names and out.n_vars == 49
     assert out.obs["total_counts"].min() >= 10
@@ -308,15 +323,15 @@ def test_qc_mito():
     X = adata.X.toarray()
     X[10, -1] = 10_000  # one cell almost all MT-ND1
     adata.X = sp.csr_matrix(X)
-    out = preprocess(adata, make_entry(qc={"max_pct_mito": 20}), "syn", PATH)
+    out = preprocess(adata, make_entry(qc={"max_pct_mito": 20}), PATH)
     assert "cell10" not in out.obs_names and out.n_obs == 199
     assert out.obs["pct_counts_mt"].max() <= 20
 
 
 def test_drop_small_conditions():
     adata = make_adata()
-    _small_condition(adata, make_entry())
-    out = preprocess(adata, make_entry(drop_small_conditions=True), "syn", PATH)
+    _small_condition(adata, make_raw())
+    out = preprocess(adata, make_entry(drop_small_conditions=True), PATH)
     assert not ((out.obs[CONTEXT_COL] == "B") & (out.obs[PERT_COL] == "P3")).any()
     assert out.n_obs == 197
     assert ((out.obs[CONTEXT_COL] == "A") & (out.obs[PERT_COL] == "P3")).sum() == 25
@@ -331,13 +346,12 @@ def test_read_raw_roundtrip_and_layer(tmp_path):
     entry = make_entry(layer="counts")
     raw = read_raw(str(path), entry)
     assert raw.X is None and list(raw.layers) == ["counts"]  # X (lognorm) was never loaded
-    out = preprocess(raw, entry, "syn", str(path))
+    out = preprocess(raw, entry, str(path))
     assert out.X.dtype == np.int32 and out.n_obs == 200
     lognorm_x = read_raw(str(path), make_entry())
-    assert_input_error(lambda: preprocess(lognorm_x, make_entry(), "syn", str(path)), "X", "not integers",
+    assert_input_error(lambda: preprocess(lognorm_x, make_entry(), str(path)), "X", "not integers",
                        path=str(path))
-    bad = make_entry()
-    bad["columns"]["batch"] = "plate"
+    bad = make_entry(columns={"batch": "plate"})
     assert_input_error(lambda: read_raw(str(path), bad), "columns.batch", "plate", path=str(path))
     assert_input_error(lambda: read_raw(str(tmp_path / "none.h5ad"), entry), "source", "does not exist",
                        path=str(tmp_path / "none.h5ad"))
@@ -387,10 +401,10 @@ def test_preprocess_file_matches_in_memory(tmp_path, monkeypatch, layout, case):
     (tmp_path / "genes.txt").write_text("G3\nABSENT\nG1\nMT-CO1\n")
     raw_path = tmp_path / "raw.h5ad"
     adata.write_h5ad(raw_path)
-    expected = preprocess(read_raw(str(raw_path), entry), entry, "syn", str(raw_path))
+    expected = preprocess(read_raw(str(raw_path), entry), entry, str(raw_path))
     monkeypatch.setattr(preprocess_module, "BLOCK_ELEMENTS", 7 * 50)  # blocks of 7 rows
     out_path = tmp_path / "out" / "processed.h5ad"
-    preprocess_file(str(raw_path), entry, "syn", str(out_path))
+    preprocess_file(str(raw_path), entry, str(out_path))
     _assert_same(expected, ad.read_h5ad(out_path))
     assert expected.n_obs < 203 or case == "gene_list"
     assert expected.n_vars == {"qc": 45, "gene_list": 4, "drop_small": 50}[case]
@@ -403,13 +417,14 @@ def test_preprocess_file_errors_leave_no_output(tmp_path):
     adata.write_h5ad(raw_path)
     out_path = tmp_path / "processed.h5ad"
     assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(qc={"min_counts_per_cell": 10**9}),
-                                               "syn", str(out_path)),
+                                               str(out_path)),
                        "qc", "empty after QC", path=str(raw_path))
-    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(layer="counts"), "syn", str(out_path)),
+    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(layer="counts"),
+                                               str(out_path)),
                        "layer", "layers/counts", path=str(raw_path))
     adata.X.data[3] = 0.5
     adata.write_h5ad(raw_path)
-    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(), "syn", str(out_path)),
+    assert_input_error(lambda: preprocess_file(str(raw_path), make_entry(), str(out_path)),
                        "X", "not integers", path=str(raw_path))
     assert list(tmp_path.iterdir()) == [raw_path]
 
@@ -428,7 +443,7 @@ def test_preprocess_file_reads_the_counts_in_blocks(tmp_path, monkeypatch):
         return real(block)
 
     monkeypatch.setattr(preprocess_module, "_csr_block_int32", spy)
-    preprocess_file(str(raw_path), make_entry(), "syn", str(tmp_path / "out.h5ad"))
+    preprocess_file(str(raw_path), make_entry(), str(tmp_path / "out.h5ad"))
     assert seen and max(seen) <= 40 * 50 / (adata.X.nnz / 400) + 1
     assert sum(seen) == 2 * 400  # two passes: cell statistics, writing (no gene filter)
 
@@ -446,11 +461,12 @@ def _real(path: Path) -> str:
 
 def test_papalexi_real():
     path = _real(PAPALEXI)
-    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": None,
-                                "context_label": "THP-1", "batch": "replicate"},
-                       qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "max_pct_mito": 20})
+    entry = DatasetEntry.parse("papalexi", make_raw(
+        columns={"perturbation": "perturbation", "control": "control", "context": None,
+                 "context_label": "THP-1", "batch": "replicate"},
+        qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "max_pct_mito": 20}))
     raw = read_raw(path, entry)
-    out = preprocess(raw, entry, "papalexi", path)
+    out = preprocess(raw, entry, path)
     assert 15_000 < out.n_obs <= 20_729 and out.n_vars == 299
     assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
     assert set(out.obs[CONTEXT_COL]) == {"THP-1"}
@@ -461,10 +477,12 @@ def test_papalexi_real():
 
 def test_kang_real():
     path = _real(KANG)
-    entry = make_entry(columns={"perturbation": "condition", "control": "ctrl", "context": "cell_type",
-                                "batch": "donor"}, perturbation_type="stimulation")
+    entry = DatasetEntry.parse("kang", make_raw(
+        columns={"perturbation": "condition", "control": "ctrl", "context": "cell_type",
+                 "batch": "donor"},
+        perturbation_type="stimulation"))
     raw = read_raw(path, entry)
-    out = preprocess(raw, entry, "kang", path)
+    out = preprocess(raw, entry, path)
     assert out.n_obs == 1_556 and out.n_vars == 1_267
     assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.int32
     assert set(out.obs[PERT_COL]) == {CONTROL, "stim"}
@@ -477,30 +495,34 @@ def test_kang_real():
 def test_kang_real_collision():
     """Configuring control `ctrl` on the column that already says `control` is a collision."""
     path = _real(KANG)
-    entry = make_entry(columns={"perturbation": "perturbation", "control": "ctrl", "context": "cell_type",
-                                "batch": "donor"})
+    entry = DatasetEntry.parse("kang", make_raw(
+        columns={"perturbation": "perturbation", "control": "ctrl", "context": "cell_type",
+                 "batch": "donor"}))
     assert_input_error(lambda: read_raw(path, entry), "columns.control", "IFN-beta", path=path)
 
 
 def test_norman_real_lognorm_layer_is_rejected():
     """Norman's `lognorm_original` layer is log-normalised: named as the counts it must fail clearly."""
     path = _real(NORMAN)
-    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": "cell_type",
-                                "batch": None}, layer="lognorm_original")
+    entry = DatasetEntry.parse("norman", make_raw(
+        columns={"perturbation": "perturbation", "control": "control", "context": "cell_type",
+                 "batch": None},
+        layer="lognorm_original"))
     raw = read_raw(path, entry)
-    msg = assert_input_error(lambda: preprocess(raw, entry, "norman", path), "layers['lognorm_original']",
+    msg = assert_input_error(lambda: preprocess(raw, entry, path), "layers['lognorm_original']",
                              "not integers", "log", path=path)
     assert "`layer`" in msg
     # Its X holds the recovered integer counts and preprocesses fine.
-    entry["layer"] = None
-    out = preprocess(read_raw(path, entry), entry, "norman", path)
+    entry = replace(entry, layer=None)
+    out = preprocess(read_raw(path, entry), entry, path)
     assert out.n_obs == 5_961 and out.obs[CONTEXT_COL].nunique() == 4
 
 
 def test_papalexi_real_streaming_matches(tmp_path):
     path = _real(PAPALEXI)
-    entry = make_entry(columns={"perturbation": "perturbation", "control": "control", "context": None,
-                                "context_label": "THP-1", "batch": "replicate"},
-                       qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "min_cells_per_gene": 50})
-    preprocess_file(path, entry, "papalexi", str(tmp_path / "p.h5ad"))
-    _assert_same(preprocess(read_raw(path, entry), entry, "papalexi", path), ad.read_h5ad(tmp_path / "p.h5ad"))
+    entry = DatasetEntry.parse("papalexi", make_raw(
+        columns={"perturbation": "perturbation", "control": "control", "context": None,
+                 "context_label": "THP-1", "batch": "replicate"},
+        qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "min_cells_per_gene": 50}))
+    preprocess_file(path, entry, str(tmp_path / "p.h5ad"))
+    _assert_same(preprocess(read_raw(path, entry), entry, path), ad.read_h5ad(tmp_path / "p.h5ad"))

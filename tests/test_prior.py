@@ -269,15 +269,13 @@ def test_mcfaline_crispri_lines():
 def test_prior_command_and_predict_pass_the_genes_to_the_model(tmp_path):
     """`lingshu prior` on external lines -> genes.tsv; predict_conditions hands each held-out
     perturbation its prior genes."""
-    import json
-
-    from conftest import make_processed
+    from conftest import make_entry, make_processed
 
     from lingshu.cli import main
-    from lingshu.data.prior import read_prior
+    from lingshu.data.prior import prior_of_labels, read_prior
     from lingshu.data.split import make_split
-    from lingshu.models.baselines import ControlMean
-    from lingshu.stages import build_truth, prior_of_labels, training_data
+    from lingshu.models.baselines.model import ControlMean
+    from lingshu.models.harness import predict_conditions, training_data
 
     external = make_processed(n_genes=30, contexts=("lineX", "lineY"), n_per=60, n_ctrl=80, seed=5)
     external.obs = external.obs.rename(columns={"perturbation": "gene", "context": "line"})
@@ -290,25 +288,30 @@ def test_prior_command_and_predict_pass_the_genes_to_the_model(tmp_path):
     spec = {"source": {"path": "unused"}, "layer": None, "fdr": 0.05, "min_abs_log2fc": 1.0,
             "min_control_mean": 2.0, "max_perturbed_mean": 1.0, "gene_column": "gene_name",
             "columns": {"perturbation": "gene", "control": "non-targeting", "context": "line"}}
-    args = ["prior", "--external", str(tmp_path / "external.h5ad"), "--processed",
-            str(tmp_path / "processed.h5ad"), "--entry", json.dumps({}), "--out",
-            str(tmp_path / "genes.tsv")]
-    assert main(args[:-4] + ["--spec", json.dumps(spec)] + args[-4:]) == 0
+    entry = make_entry("genetic", prior=spec)
+
+    def args(prior_spec):  # the prior block travels in the dataset entry
+        return ["prior", "--external", str(tmp_path / "external.h5ad"), "--processed",
+                str(tmp_path / "processed.h5ad"), "--entry",
+                make_entry("genetic", prior=prior_spec).to_json(), "--out",
+                str(tmp_path / "genes.tsv")]
+
+    assert main(args(spec)) == 0
     table = read_prior(tmp_path / "genes.tsv")
     # each Gk knocks Gk down to 10 %: the target (and only knocked-down genes) are priors
-    prior = prior_of_labels(table, ["G1", "G2", "G3", "G1+G3", "G9"], {})
+    prior = prior_of_labels(table, ["G1", "G2", "G3", "G1+G3", "G9"], entry)
     assert "G1" in prior["G1"] and "G2" in prior["G2"] and prior["G9"] == []
     assert set(prior["G1+G3"]) == set(prior["G1"]) | set(prior["G3"])
     assert (table.loc[table["reason"] == "de", "log2fc"] < -1).all()
 
     for bad in (dict(spec, columns={"perturbation": "guide", "control": "non-targeting"}),
                 dict(spec, gene_column="symbol"), dict(spec, gene_column=None)):
-        assert main(args[:-4] + ["--spec", json.dumps(bad)] + args[-4:]) == 2
+        assert main(args(bad)) == 2
 
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
     model = ControlMean()
-    model.fit(training_data(adata, split, None, seed=0))
+    model.fit(training_data(adata, split, None, seed=0, entry=entry))
     seen = []
     real = model.predict
 
@@ -317,8 +320,5 @@ def test_prior_command_and_predict_pass_the_genes_to_the_model(tmp_path):
         return real(condition, rng)
 
     model.predict = spy
-    from lingshu.stages import predict_conditions
-
-    predict_conditions(model, adata, split, build_truth(adata, split), seed=0, progress=False,
-                       prior=prior)
+    predict_conditions(model, adata, split, seed=0, progress=False, prior=prior)
     assert seen and all(genes == tuple(prior["G2"]) for genes in seen)

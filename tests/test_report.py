@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import html
+import json
+
+import anndata as ad
 import numpy as np
 import pytest
 
 from lingshu.evaluate import PAPER_METRICS, evaluate_to_dir
 from lingshu.io import read_table
 from lingshu.report import build_report
+from lingshu.report.html import run_note
 from lingshu.report.tables import benchmark_table, paper_table, to_markdown
 from test_evaluate import make_prediction, make_truth
+from test_generation_figures import make_generation_dir
 
 MODELS = ("control_mean", "perturbation_mean", "perfect")
 
@@ -128,3 +134,32 @@ def test_context_scores_and_prediction_distribution(report_dir):
     assert "Held-out conditions per context" in page
     assert "Distribution of the predicted cells" in page
     assert "Generation fidelity" not in page  # no generation folder given
+
+
+def test_report_draws_generation_fidelity_from_the_generation_folder(evaluated, tmp_path):
+    from lingshu.report.generation import figure_names
+
+    make_generation_dir(tmp_path / "generation")
+    # a sampling variant's run: its settings travel from the prediction to the report's notes
+    variant = make_prediction(ad.read_h5ad(evaluated["truth_path"]), "perfect")
+    variant.uns["lingshu"] = {"model": "lingshu", "run": "lingshu@w3",
+                              "sampling": json.dumps({"guidance": 3.0})}
+    variant.write_h5ad(tmp_path / "lingshu@w3.h5ad")
+    evaluate_to_dir(evaluated["truth_path"], str(tmp_path / "lingshu@w3.h5ad"),
+                    str(tmp_path / "eval_w3"))
+    eval_dirs = {**evaluated["eval_dirs"], "lingshu@w3": str(tmp_path / "eval_w3")}
+    pred_paths = {**evaluated["pred_paths"], "lingshu@w3": str(tmp_path / "lingshu@w3.h5ad")}
+    out = tmp_path / "report"
+    build_report("tiny", eval_dirs, evaluated["ceiling_dir"], evaluated["truth_path"],
+                 pred_paths, str(out), n_boot=0, seed=0,
+                 generation_dir=str(tmp_path / "generation"))
+    assert (out / "generation" / "table.md").stat().st_size > 0
+    assert sorted(p.name for p in (out / "generation" / "figures").iterdir()) == sorted(
+        figure_names())
+    page = (out / "report.html").read_text()
+    assert "Generation fidelity" in page and "model_a" in page
+    # every run's note comes from its model's spec; a variant's names its sampling settings
+    for model in ("control_mean", "perturbation_mean"):
+        assert html.escape(run_note(model)) in page
+    note = run_note("lingshu@w3", {"guidance": 3.0})
+    assert "guidance = 3.0" in note and html.escape(note) in page

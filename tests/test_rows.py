@@ -6,16 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
 import lingshu.data.rows as rows_mod
 import lingshu.io as io_mod
+from lingshu.data.features import compute_features
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.rows import FileRows, MemoryRows, column_sums, group_means, row_sums
 from lingshu.data.split import make_split
 from lingshu.io import write_h5ad, write_h5ad_streaming
-from lingshu.models.registry import BASELINES, build_model
-from lingshu.stages import compute_features, training_data
+from lingshu.models.harness import build_model, training_data
+
+BASELINES = ("control_mean", "perturbation_mean", "linear")
 
 
 def _counts(n=57, g=13, seed=0):
@@ -118,7 +120,7 @@ def test_baselines_fitted_from_the_file_equal_those_fitted_in_memory(tmp_path, m
     backed = ad.read_h5ad(tmp_path / "p.h5ad", backed="r")
     split = make_split(adata.obs, {"kind": "heldout_perturbations",
                                    "test_perturbations": ["G2"]}, seed=0)
-    entry = {"perturbation_type": "genetic"}
+    entry = make_entry("genetic")
     features = compute_features(adata, split, entry, n_components=4, seed=0)
     on_disk = training_data(backed, split, features, seed=0, entry=entry)
     in_memory = training_data(adata, split, features, seed=0, entry=entry)

@@ -4,27 +4,21 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import make_processed
+from conftest import make_entry, make_processed
 from scipy import stats
 
 import lingshu.data.rows as rows_mod
+from lingshu.data.features import compute_features
 from lingshu.data.split import make_split
 from lingshu.io import write_h5ad
 from lingshu.models.base import ConditionInput, load_state
-from lingshu.models.scldm import (
-    AutoencoderConfig,
-    DiTConfig,
-    LatentDiT,
-    ScLDMAutoencoder,
-    euler_sample,
-    flow_matching_loss,
-    nb_log_likelihood,
-)
-from lingshu.models.scldm_model import ScLDM
-from lingshu.stages import compute_features, training_data
+from lingshu.models.scldm.autoencoder import AutoencoderConfig, ScLDMAutoencoder, nb_log_likelihood
+from lingshu.models.scldm.latent import DiTConfig, LatentDiT, euler_sample, flow_matching_loss
+from lingshu.models.harness import training_data
+from lingshu.models.scldm.model import ScLDM
 
 TINY = {"preset": "tiny", "device": "cpu"}
-ENTRY = {"perturbation_type": "genetic"}
+ENTRY = make_entry("genetic")
 N_GENES = 24
 
 
@@ -214,8 +208,7 @@ def test_unknown_parameter_is_named():
 
 
 def test_unconditional_generation(fitted):
-    from lingshu.generation import generate_cells
-    from lingshu.models.registry import load_generator
+    from lingshu.models.harness import generate_cells, load_generator
 
     adata, _, work = fitted
     model = load_generator("scldm", None, str(work / "model.npz"))

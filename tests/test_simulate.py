@@ -8,7 +8,8 @@ import pytest
 import scipy.sparse as sp
 
 from lingshu.constants import CONTROL
-from lingshu.data.simulate import SimulationParams, params_from_dict, sample_negative_binomial, simulate_dataset
+from lingshu.data.simulate import SimulationParams, params_from_dict, simulate_dataset
+from lingshu.stats import sample_negative_binomial
 from lingshu.errors import InputError
 
 SMALL = dict(n_genes=300, n_cells=1500, n_knockdowns=4, n_stimulations=2, seed=1)

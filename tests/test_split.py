@@ -118,8 +118,8 @@ def test_leakage_check_catches_a_leak(tiny_processed):
 def test_split_round_trip(tmp_path, tiny_processed):
     split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
                                             "test_perturbations": ["G4"]}, seed=0)
-    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
-    back = read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    write_split(split, tmp_path)
+    back = read_split(tmp_path)
     pd.testing.assert_frame_equal(back.cells, split.cells, check_dtype=False)
     assert np.array_equal(back.conditions["n_cells"], split.conditions["n_cells"])
 
@@ -147,13 +147,33 @@ def test_reference_cells_are_kept_out_of_training_and_seeded(tiny_processed):
         check_no_leakage(cells, "heldout_perturbations")
 
 
+def test_split_folder_and_rows(tmp_path, tiny_processed):
+    spec = {"kind": "heldout_perturbations", "test_perturbations": ["G1"],
+            "reference_fraction": 0.2}
+    split = make_split(tiny_processed.obs, spec, seed=3)
+    write_split(split, tmp_path / "split")
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["cells.tsv",
+                                                                      "conditions.tsv"]
+    back = read_split(tmp_path / "split")
+    for column in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_CONTROL_INPUT, SPLIT_REFERENCE):
+        rows = back.rows(column, tiny_processed.obs_names)
+        np.testing.assert_array_equal(rows, np.flatnonzero(split.cells[column].to_numpy()))
+    np.testing.assert_array_equal(back.reference_rows(), back.rows(SPLIT_REFERENCE))
+    assert back.reference_rows().size == int(split.cells[SPLIT_REFERENCE].sum()) > 0
+    with pytest.raises(ValueError, match="cell names differ"):  # never applied by position
+        back.rows(SPLIT_TRAIN, tiny_processed.obs_names[::-1])
+    (tmp_path / "split" / "conditions.tsv").unlink()
+    with pytest.raises(InputError, match="conditions.tsv"):
+        read_split(tmp_path / "split")
+
+
 def test_split_without_reference_column_reads_as_no_reference(tmp_path, tiny_processed):
     split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
                                             "test_perturbations": ["G4"]}, seed=0)
-    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    write_split(split, tmp_path)
     old = pd.read_csv(tmp_path / "cells.tsv", sep="\t").drop(columns=[SPLIT_REFERENCE])
     old.to_csv(tmp_path / "cells.tsv", sep="\t", index=False)
-    assert not read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")\
+    assert not read_split(tmp_path)\
         .cells[SPLIT_REFERENCE].any()
 
 
@@ -238,16 +258,23 @@ def test_excluded_perturbations_have_no_role(tmp_path, tiny_processed):
 
 
 def test_excluded_cells_round_trip_and_reach_no_stage(tmp_path, tiny_processed):
-    from lingshu.stages import build_truth, training_data
+    from conftest import make_entry
+
+    from lingshu.data.truth import build_truth
+    from lingshu.models.harness import training_data
 
     split = make_split(tiny_processed.obs, {"kind": "heldout_perturbations",
                                             "test_perturbations": ["G1"],
                                             "exclude_perturbations": ["G2"]}, seed=0)
-    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
-    back = read_split(tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
+    write_split(split, tmp_path)
+    back = read_split(tmp_path)
     pd.testing.assert_frame_equal(back.cells, split.cells, check_dtype=False)
     check_no_leakage(back.cells, "heldout_perturbations", ["G2"])
-    assert "G2" not in set(training_data(tiny_processed, back, None, seed=0).obs["perturbation"])
+    entry = make_entry("genetic", split={"kind": "heldout_perturbations",
+                                         "test_perturbations": ["G1"],
+                                         "exclude_perturbations": ["G2"]})
+    assert "G2" not in set(training_data(tiny_processed, back, None, seed=0,
+                                         entry=entry).obs["perturbation"])
     assert "G2" not in set(build_truth(tiny_processed, back).obs["perturbation"])
     cells = back.cells.copy()
     cells.loc[cells.index[(cells["perturbation"] == "G2").to_numpy()][0], SPLIT_TRAIN] = True

@@ -8,13 +8,14 @@ import scipy.sparse as sp
 
 from lingshu.data.split import make_split
 from lingshu.models.base import ConditionInput
-from lingshu.models.registry import build_model, load_model
-from lingshu.models.state import PRESETS, StateError, StateModel
-from lingshu.stages import build_truth, compute_features, predict_conditions, training_data
+from lingshu.data.features import compute_features
+from lingshu.data.truth import build_truth
+from lingshu.models.harness import build_model, load_model, predict_conditions, training_data
+from lingshu.models.state.model import PRESETS, StateError, StateModel
 
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
-ENTRY = {"perturbation_type": "genetic"}
+ENTRY = make_entry("genetic")
 TINY = {"preset": "tiny"}
 KEEP = {"preset": "tiny", "keep_training_files": True}
 
@@ -96,18 +97,19 @@ def test_training_file_holds_only_training_cells(fitted):
 def test_prediction_format_and_reload(fitted):
     adata, split, model, work = fitted
     truth = build_truth(adata, split)
-    pred = predict_conditions(model, adata, split, truth, seed=0, progress=False)
-    assert list(pred.var_names) == list(truth.var_names)
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
+    assert list(pred.var_names) == list(adata.var_names) == list(truth.var_names)
+    # the predicted cells only (the evaluation adds the truth's real control cells)
     key = ["context", "perturbation"]
+    held_out = truth.obs[~truth.obs["is_real_control"].to_numpy()]
     assert (pred.obs.groupby(key).size().sort_index()
-            .equals(truth.obs.groupby(key).size().sort_index()))
-    x = pred[~pred.obs["is_real_control"].to_numpy()].X.toarray()
+            .equals(held_out.groupby(key).size().sort_index()))
+    assert "control" not in set(pred.obs["perturbation"])
+    assert "is_real_control" not in pred.obs
+    x = pred.X.toarray()
     assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 14
     assert x.std(axis=0).max() > 0  # cells, not a copied mean
-    # the real control cells are the truth's, untouched by STATE
-    ctrl = pred[pred.obs["is_real_control"].to_numpy()].X.toarray()
-    np.testing.assert_array_equal(ctrl, truth[truth.obs["is_real_control"].to_numpy()].X.toarray())
-    again = predict_conditions(load_model(str(work / "model.npz")), adata, split, truth,
+    again = predict_conditions(load_model(str(work / "model.npz")), adata, split,
                                seed=0, progress=False)
     np.testing.assert_array_equal(again.X.toarray(), pred.X.toarray())
 

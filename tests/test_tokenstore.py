@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import make_processed
+from conftest import make_entry, make_processed
 
 from lingshu.cli import main
 from lingshu.data import tokenstore
@@ -15,8 +15,8 @@ from lingshu.data.split import make_split, write_split
 from lingshu.data.tokenstore import TokenStore, write_tokens
 from lingshu.errors import InputError
 from lingshu.io import write_table
-from lingshu.models.registry import load_model
-from lingshu.stages import compute_features
+from lingshu.data.features import compute_features
+from lingshu.models.harness import load_model
 from lingshu.tokens import quantize_counts
 
 
@@ -93,17 +93,16 @@ def test_cli_training_from_tokens_equals_training_from_counts(processed, tmp_pat
     adata, path = processed
     split = make_split(adata.obs, {"kind": "heldout_perturbations", "test_perturbations": ["G2"]},
                        seed=0)
-    write_split(split, tmp_path / "cells.tsv", tmp_path / "conditions.tsv")
-    entry = {"perturbation_type": "genetic"}
+    write_split(split, tmp_path / "split")
+    entry = make_entry("genetic")
     write_table(compute_features(adata, split, entry, n_components=4, seed=0).reset_index(),
                 tmp_path / "features.tsv")
     assert main(["tokenize", "--processed", str(path), "--out", str(tmp_path / "tokens")]) == 0
     params = {"preset": "tiny", "finetune_steps": 6, "batch_size": 8, "warmup_steps": 1,
               "checkpoint_every": 3}
-    common = ["fit", "--processed", str(path), "--cells", str(tmp_path / "cells.tsv"),
-              "--conditions", str(tmp_path / "conditions.tsv"), "--features",
+    common = ["fit", "--processed", str(path), "--split", str(tmp_path / "split"), "--features",
               str(tmp_path / "features.tsv"), "--model", "lingshu", "--params", json.dumps(params),
-              "--entry", json.dumps(entry), "--seed", "0"]
+              "--entry", entry.to_json(), "--seed", "0"]
     for name, extra in (("counts", []), ("tokens", ["--tokens", str(tmp_path / "tokens")])):
         assert main(common + ["--workdir", str(tmp_path / name), "--out",
                               str(tmp_path / name / "model.npz")] + extra) == 0

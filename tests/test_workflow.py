@@ -41,12 +41,18 @@ def test_dataset_model_params_reach_that_dataset_only(tmp_path):
     run = _snakemake("-n", "-p", "--configfile", "config/shared_data.yaml", "--config",
                      f"results_dir={tmp_path}")
     assert run.returncode == 0, run.stdout + run.stderr
-    fits = [line for line in run.stdout.splitlines()
-            if "lingshu fit" in line and "--model lingshu" in line]
-    kang = [line for line in fits if "/kang/" in line]
-    assert len(fits) == 2 and len(kang) == 1
+    lines = run.stdout.splitlines()
+    predicts = [line for line in lines if "lingshu predict" in line and "--run lingshu " in line]
+    kang = [line for line in predicts if "/kang/" in line]
+    assert len(predicts) == 2 and len(kang) == 1
     assert '"guidance": 3.0' in kang[0]
-    assert '"guidance": 1.0' in next(line for line in fits if "/papalexi/" in line)
+    assert '"guidance": 1.0' in next(line for line in predicts if "/papalexi/" in line)
+    # Guidance is a sampling setting: the training jobs never see it, so both datasets'
+    # Lingshu-Cell fits get the same settings.
+    fits = [line for line in lines if "lingshu fit" in line and "--model lingshu" in line]
+    assert len(fits) == 2 and not any("guidance" in line for line in fits)
+    settings = {line.split("--params ")[1].split("' ")[0] for line in fits}
+    assert len(settings) == 1
 
 
 def test_a_bad_config_stops_before_any_job(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lingshu.models.mddm.train import (
+from lingshu.models.training import (
     EMA, TrainConfig, ema_weights, load_checkpoint, lr_at, param_groups, train,
 )
 
@@ -229,7 +229,7 @@ def test_init_state_dict_strict_false_is_logged(tmp_path, caplog):
     pre = fresh_model(0).state_dict()
     pre["bogus.weight"] = torch.zeros(2)
     model = fresh_model(1, cond=True)
-    with caplog.at_level(logging.INFO, logger="lingshu.models.mddm.train"):
+    with caplog.at_level(logging.INFO, logger="lingshu.models.training.loop"):
         res = train(model, denoise_loss, sample_batch, cfg(steps=0), tmp_path / "ck.pt",
                     progress=False, init_state_dict=pre)
     assert res.missing_keys == ["cond.weight"] and res.unexpected_keys == ["bogus.weight"]
@@ -291,8 +291,8 @@ DDP_SCRIPT = """
 import os, sys, torch
 from torch import nn
 sys.path.insert(0, {tests!r})
-from test_mddm_train import Toy, denoise_loss, sample_batch
-from lingshu.models.mddm.train import TrainConfig, train
+from test_training import Toy, denoise_loss, sample_batch
+from lingshu.models.training import TrainConfig, train
 
 out = {out!r}
 rank = int(os.environ["RANK"])
