@@ -149,6 +149,25 @@ def test_celltype_proportions_recover_a_known_shift():
     assert m["celltype_tvd"] == pytest.approx(0.3, abs=0.02) and m["celltype_accuracy"] == 1.0
 
 
+def test_celltype_proportions_cancel_the_classifiers_errors():
+    """Two types the classifier cannot tell apart (identical expression): a real sample drawn
+    like the reference scores near 0, although the classifier is at chance and the labelled
+    shares would give a large TVD."""
+    def mixed(n_a, n_b, seed):
+        r = np.random.default_rng(seed)
+        return (np.log1p(r.poisson(1.0, size=(n_a + n_b, 20))),
+                np.array(["A"] * n_a + ["B"] * n_b))
+
+    train_x, train_y = mixed(150, 50, 0)  # the classifier learns to call most cells A
+    real_x, real_y = mixed(100, 100, 1)
+    same_x, _ = mixed(100, 100, 2)
+    out = celltype_proportions(train_x, train_y, real_x, real_y, same_x)
+    assert out["real_labelled"] == pytest.approx({"A": 0.5, "B": 0.5})
+    assert out["real"]["A"] > 0.7  # the classifier's shares, errors and all
+    assert out["tvd"] < 0.1
+    assert 0.5 * sum(abs(out["real_labelled"][c] - out["generated"][c]) for c in "AB") > 0.2
+
+
 def test_celltype_proportions_list_every_class_and_handle_one_class():
     train_x, train_y = _typed({"A": 60, "B": 60}, seed=0)
     gen_x, _ = _typed({"A": 50}, seed=2)

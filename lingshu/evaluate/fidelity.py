@@ -234,9 +234,13 @@ def ilisi(real_pcs: np.ndarray, generated_pcs: np.ndarray, perplexity: float = 3
 
 def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X,
                          seed: int = 0) -> dict:
-    """Cell-type shares of generated cells as judged by a classifier trained on real cells.
+    """Cell-type shares of generated cells against those of real cells, both as judged by a
+    classifier trained on other real cells.
 
-    The classifier is PCA (``min(50, n_train - 1, n_genes)`` components, no scaling, fitted on
+    Both sides are labelled by the same classifier, so its errors cancel: an equally large
+    sample of real cells scores near 0 whatever the classifier's accuracy (comparing the
+    classifier's shares on generated cells with the real cells' own labels would count the
+    classifier's mistakes against every model). The classifier is PCA (``min(50, n_train - 1, n_genes)`` components, no scaling, fitted on
     ``train_X``) followed by ``LogisticRegression(max_iter=2000)``. With a single class in
     the training labels no classifier is fitted: every generated cell gets that label.
 
@@ -245,8 +249,9 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
     train_X : array or sparse matrix, shape (n_train, n_genes)
     train_labels : array-like, shape (n_train,)
     real_X : array or sparse matrix, shape (n_real, n_genes)
-        Held-out real cells: the classifier's accuracy is measured on them, and their labels
-        give the real proportions.
+        Held-out real cells: the classifier's accuracy is measured on them (with their
+        labels), and its shares on them are the real proportions the generated ones are
+        compared with.
     real_labels : array-like, shape (n_real,)
     generated_X : array or sparse matrix, shape (n_gen, n_genes)
     seed : int
@@ -255,9 +260,11 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
     Returns
     -------
     dict
-        ``accuracy`` (float, on real_X), ``real`` and ``generated`` (dict label -> share,
-        every class of train and real labels listed, zeros included), ``predicted_labels``
-        (ndarray of str, shape (n_gen,)) and ``tvd`` = 0.5 * sum |p_real - p_generated|.
+        ``accuracy`` (float, on real_X), ``real`` and ``generated`` (dict label -> share as
+        the classifier labels real_X and generated_X; every class of train and real labels
+        listed, zeros included), ``real_labelled`` (the shares of ``real_labels`` themselves),
+        ``predicted_labels`` (ndarray of str, shape (n_gen,)) and
+        ``tvd`` = 0.5 * sum |p_real - p_generated|.
     """
     train_labels = np.asarray(train_labels).astype(str)
     real_labels = np.asarray(real_labels).astype(str)
@@ -270,6 +277,7 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
     classes = sorted(set(train_classes) | set(real_labels))
     if len(train_classes) == 1:
         predicted = np.full(generated_X.shape[0], train_classes[0])
+        real_predicted = np.full(real_X.shape[0], train_classes[0])
         # 1.0 whenever the real cells are that one class too (the single-class case)
         accuracy = float(np.mean(real_labels == train_classes[0]))
     else:
@@ -281,16 +289,17 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
         clf = make_pipeline(PCA(n_components=k, random_state=seed),
                             LogisticRegression(max_iter=2000, random_state=seed))
         clf.fit(_dense(train_X), train_labels)
-        accuracy = float(np.mean(clf.predict(_dense(real_X)) == real_labels))
+        real_predicted = clf.predict(_dense(real_X)).astype(str)
+        accuracy = float(np.mean(real_predicted == real_labels))
         predicted = clf.predict(_dense(generated_X)).astype(str)
 
     def shares(labels: np.ndarray) -> dict[str, float]:
         return {c: float(np.mean(labels == c)) if labels.size else 0.0 for c in classes}
 
-    real, generated = shares(real_labels), shares(predicted)
+    real, generated = shares(real_predicted), shares(predicted)
     tvd = 0.5 * sum(abs(real[c] - generated[c]) for c in classes)
-    return {"accuracy": accuracy, "real": real, "generated": generated,
-            "predicted_labels": predicted, "tvd": float(tvd)}
+    return {"accuracy": accuracy, "real": real, "real_labelled": shares(real_labels),
+            "generated": generated, "predicted_labels": predicted, "tvd": float(tvd)}
 
 
 def fidelity_metrics(real, generated, train_X=None, train_labels=None, real_labels=None,

@@ -57,7 +57,8 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
 
     adata: the processed data (raw counts); generated: run -> generation/<run>.h5ad.
     Writes into ``outdir``: ``table.tsv`` (one row per run, then the sampling floor and the
-    reference's own cell-type shares), ``cell_types.tsv`` (the cell type the real-cell
+    reference cells' cell-type shares as the same classifier labels them, which every row's
+    ``celltype_tvd`` is measured against), ``cell_types.tsv`` (the cell type the real-cell
     classifier gives each generated cell: run, cell, cell_type) and ``reference.h5ad`` (the
     reference cells: log1p(CP10k) in X, counts in ``layers['counts']``, obs ``cell_type``).
     Returns the table.

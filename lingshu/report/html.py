@@ -138,10 +138,10 @@ GENERATION_NOTES = (
     "a PCA fitted on real and generated cells together; lower is better. <b>1-Wasserstein</b>: "
     "per gene, averaged over genes; lower is better. <b>iLISI</b>: local inverse Simpson index "
     "of real vs generated in that PCA, median, scaled to 0 (no mixing) .. 1 (perfect mixing). "
-    "<b>Cell-type TVD</b>: total-variation distance between the reference's cell-type "
-    "proportions and those of the generated cells as judged by a classifier (PCA + logistic "
-    "regression) trained on real training cells; <code>share</code> columns give the "
-    "proportions. The <b>real (training cells)</b> row scores an equally large sample of real "
+    "<b>Cell-type TVD</b>: total-variation distance between the cell-type proportions of "
+    "the generated cells and of the reference cells, both as judged by one classifier (PCA + "
+    "logistic regression) trained on other real training cells, so that its errors cancel; "
+    "<code>share</code> columns give the proportions. The <b>real (training cells)</b> row scores an equally large sample of real "
     "training cells: the floor that sampling noise sets at this number of cells."
 )
 
