@@ -39,6 +39,22 @@ def test_pretrain_and_finetune_write_their_state(fitted):
         assert (work / name).exists(), name
 
 
+def test_training_records_held_out_diagnostics(fitted):
+    """Bits per masked gene of the reference cells at 4 points of each run, beside the floors;
+    saved with the model and copied into its predictions."""
+    adata, split, model, work = fitted
+    assert split.reference_rows().size > 0
+    for stage in ("pretrain", "finetune"):
+        rows = model.diagnostics[stage]
+        assert len(rows) == 4 * 3 and {r["mask_rate"] for r in rows} == {0.15, 0.5, 0.9}
+        assert all(0 < r["bits_model"] < np.log2(281) for r in rows)
+        assert all(np.isfinite([r["bits_marginal"], r["bits_context"]]).all() for r in rows)
+    assert (work / "finetune_diagnostics.tsv").exists()
+    assert load_model(str(work / "model.npz")).diagnostics == model.diagnostics
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
+    assert "diagnostics" in pred.uns["lingshu"]
+
+
 def test_prediction_format_and_reload(fitted):
     adata, split, model, work = fitted
     truth = build_truth(adata, split)

@@ -48,6 +48,9 @@ class TrainingData:
     tokens: the training cells' count tokens on disk
         (:class:`lingshu.data.tokenstore.TokenStore`), for models whose spec says ``tokens``;
         ``counts`` is then None (never loaded).
+    validation: held-out cells that no model trains on (the split's reference cells), in the
+        same form (counts or tokens, obs), for a model's own diagnostics only, never to fit
+        or to select anything; None when the split keeps none.
     """
 
     counts: Any
@@ -60,6 +63,7 @@ class TrainingData:
     workdir: Path | None = None
     threads: int = 1
     tokens: Any = None
+    validation: TrainingData | None = None
 
     def count_rows(self):
         """The training counts as :class:`lingshu.data.rows.CountRows` (blocks, batches)."""
@@ -98,6 +102,9 @@ class PerturbationModel(ABC):
     name: ClassVar[str]
     # CPU threads the model may use at prediction (the predict job's; set by the caller).
     threads: int = 1
+    # What a model measured about its own training (stage -> rows, e.g. Lingshu-Cell's
+    # held-out bits per masked gene); saved with its state, copied into its predictions.
+    diagnostics: dict[str, list[dict]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = params

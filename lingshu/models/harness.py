@@ -121,14 +121,20 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     if include_control_input:
         train = np.union1d(train, split.rows(SPLIT_CONTROL_INPUT))
     cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
-    obs = adata.obs.iloc[train][cols].astype(str).reset_index(drop=True)
     labels = sorted(set(adata.obs[PERT_COL].astype(str)))
-    return TrainingData(counts=rows_on_demand(adata, train) if tokens is None else None,
-                        obs=obs, genes=adata.var_names.to_numpy(), features=features, seed=seed,
-                        targets=entry.targets(labels, adata.var_names),
-                        perturbation_type=entry.perturbation_type,
-                        workdir=Path(workdir) if workdir else None, threads=threads,
-                        tokens=None if tokens is None else tokens.subset(train))
+
+    def cells(rows: np.ndarray, validation=None) -> TrainingData:
+        return TrainingData(
+            counts=rows_on_demand(adata, rows) if tokens is None else None,
+            obs=adata.obs.iloc[rows][cols].astype(str).reset_index(drop=True),
+            genes=adata.var_names.to_numpy(), features=features, seed=seed,
+            targets=entry.targets(labels, adata.var_names),
+            perturbation_type=entry.perturbation_type,
+            workdir=Path(workdir) if workdir else None, threads=threads,
+            tokens=None if tokens is None else tokens.subset(rows), validation=validation)
+
+    reference = split.reference_rows()
+    return cells(train, validation=cells(reference) if reference.size else None)
 
 
 def _job_training_data(processed: str, split_dir: str, features: str, entry: DatasetEntry,
@@ -242,6 +248,8 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
                            "sampling": json.dumps(sampling or {}, sort_keys=True),
                            "space": "log1p_cp10k",
                            "predict_seconds": time.perf_counter() - start}
+    if model.diagnostics:
+        pred.uns["lingshu"]["diagnostics"] = json.dumps(model.diagnostics)
     return pred
 
 

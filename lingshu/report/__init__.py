@@ -11,6 +11,7 @@ from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.evaluate.perturbation import DISTRIBUTION, read_summary
 from lingshu.io import atomic_path, read_table, write_table
 from lingshu.report import figures
+from lingshu.report.diagnostics import draw_diagnostics, final_diagnostics, read_diagnostics
 from lingshu.report.generation import draw_generation
 from lingshu.report.html import render_report
 from lingshu.report.tables import (
@@ -66,7 +67,9 @@ def build_report(
         pred_paths: run name -> prediction h5ad (for the delta scatter).
         outdir: receives ``table.tsv``, ``table.md``, ``full_metrics.tsv``, ``benchmarks.tsv``
             (when benchmark files are given), ``prediction_distribution.tsv``,
-            ``figures/*.png``, ``generation/`` (with generation fidelity) and ``report.html``.
+            ``figures/*.png``, ``generation/`` (with generation fidelity),
+            ``training_diagnostics.tsv`` (models that diagnose their training) and
+            ``report.html``.
         benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
         n_boot: bootstrap resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap (and of the plot jitter).
@@ -115,8 +118,16 @@ def build_report(
     generation = None
     if generation_dir is not None:
         generation = draw_generation(generation_dir, out / "generation", seed=seed)
+    diagnostics = read_diagnostics(pred_paths)
+    diagnostics_png = None
+    if len(diagnostics):
+        write_table(diagnostics, out / "training_diagnostics.tsv")
+        diagnostics_png = fig_dir / "training_diagnostics.png"
+        draw_diagnostics(diagnostics, diagnostics_png)
     sampling = {run: read_summary(folder).get("sampling") or {} for run, folder in eval_dirs.items()}
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
                          features, distribution=distribution, context_scores=by_context,
-                         context_png=context_png, generation=generation, sampling=sampling)
+                         context_png=context_png, generation=generation, sampling=sampling,
+                         diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
+                         if diagnostics_png else None)
     _write_text(page, out / "report.html")

@@ -181,6 +181,23 @@ def _generation_html(generation: tuple[pd.DataFrame, list[Path]] | None) -> str:
     )
 
 
+def _diagnostics_html(diagnostics: tuple[pd.DataFrame, Path] | None) -> str:
+    if diagnostics is None:
+        return ""
+    table, png = diagnostics
+    return (
+        "<h2>Training diagnostics: held-out bits per masked gene</h2>"
+        "<p>The model fills in the genes of the split's reference cells (never trained on) "
+        "masked at fixed rates t; its cross-entropy on the masked genes, in bits per gene, at "
+        "the last diagnosed step of each training stage, beside two floors on the same genes: "
+        "each gene's own token distribution in the training cells (<code>bits_marginal</code>: "
+        "a model that does not beat it has learned no gene-gene dependency) and the same per "
+        "context (<code>bits_context</code>: what knowing the cell type alone is worth). A "
+        "positive gain is bits saved over the floor. <code>training_diagnostics.tsv</code> "
+        "holds every diagnosed step.</p>" + _frame_html(table, 4) + _embed(png)
+    )
+
+
 def render_report(
     dataset: str,
     table: pd.DataFrame,
@@ -195,6 +212,7 @@ def render_report(
     context_png: Path | None = None,
     generation: tuple[pd.DataFrame, list[Path]] | None = None,
     sampling: dict[str, dict] | None = None,
+    diagnostics: tuple[pd.DataFrame, Path] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -214,6 +232,8 @@ def render_report(
         generation: (table, figures) of generation fidelity, or None.
         sampling: run -> the sampling settings it was predicted with (named in the notes of
             sampling variants).
+        diagnostics: (last diagnosed step per model and stage, its figure) of the models that
+            diagnose their training, or None.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -239,6 +259,7 @@ def render_report(
         _context_html(context_scores, context_png),
         _distribution_html(distribution),
         _generation_html(generation),
+        _diagnostics_html(diagnostics),
         _notes_html(models, sampling),
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",

@@ -40,6 +40,7 @@ from lingshu.models.base import (
     data_fingerprint,
     is_main_process,
 )
+from lingshu.models.mddm.diagnostics import HeldOutDiagnostics, diagnostics_table
 from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
 from lingshu.models.mddm.network import (
     PRESETS,
@@ -81,7 +82,11 @@ DEFAULTS: dict[str, Any] = {
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     "device": "auto",
     "compile": False,  # torch.compile the network for training (GPU runs)
+    # held-out bits per masked gene (lingshu.models.mddm.diagnostics) on at most this many
+    # of the split's reference cells, at 4 points of each training run; 0: none
+    "diagnostics_cells": 256,
 }
+MONITOR_POINTS = 4  # diagnostics at 1/4, 1/2, 3/4 and all of a run's steps
 
 SAMPLING_KEYS = SPECS[0].sampling_keys
 PRETRAIN_FORMAT = "lingshu-cell-pretrain/1"
@@ -92,6 +97,12 @@ def pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a pre-training checkpoint (also one saved as a bare state dict)."""
     ckpt = load_checkpoint(path)
     return ckpt["weights"] if ckpt.get("format") == PRETRAIN_FORMAT else ckpt
+
+
+def pretrained_diagnostics(path: str | Path) -> list[dict]:
+    """The held-out diagnostics a pre-training checkpoint carries (none in a bare state dict)."""
+    ckpt = load_checkpoint(path)
+    return list(ckpt.get("diagnostics", [])) if ckpt.get("format") == PRETRAIN_FORMAT else []
 
 
 def _device(name: str) -> torch.device:
@@ -114,6 +125,52 @@ def training_tokens(data: TrainingData) -> TokenStore:
 def token_batch(store: TokenStore, idx: torch.Tensor) -> torch.Tensor:
     """(len(idx), n_genes) long tokens of the cells ``idx`` of ``store``."""
     return torch.from_numpy(store.dense(idx.numpy()))
+
+
+FLOOR_CELLS = 20_000  # training cells (a seeded sample) the diagnostics' floors count on
+FLOOR_BLOCK = 1024
+
+
+def held_out_diagnostics(data: TrainingData, tokens: TokenStore, n_cells: int,
+                         seed: int) -> HeldOutDiagnostics | None:
+    """The diagnostics of a run on at most ``n_cells`` of ``data.validation``'s cells (the
+    split's reference cells), floors counted on a sample of the training cells; None when
+    there are no held-out cells or ``n_cells`` is 0."""
+    held = data.validation
+    if held is None or n_cells <= 0 or len(held.obs) == 0:
+        return None
+    held_tokens = training_tokens(held)
+    rows = np.arange(min(int(n_cells), held_tokens.n_cells))
+    contexts = data.obs[CONTEXT_COL].to_numpy()
+    rng = np.random.default_rng(seed)
+    sample_rows = np.sort(rng.permutation(tokens.n_cells)[:FLOOR_CELLS])
+
+    def train_blocks():
+        for start in range(0, sample_rows.size, FLOOR_BLOCK):
+            idx = sample_rows[start:start + FLOOR_BLOCK]
+            yield tokens.dense(idx), contexts[idx]
+
+    return HeldOutDiagnostics(held_tokens.dense(rows), held.obs[CONTEXT_COL].to_numpy()[rows],
+                              train_blocks, seed=seed)
+
+
+def monitor_steps(steps: int) -> tuple[int, ...]:
+    """The steps at which a run of ``steps`` steps is diagnosed."""
+    return tuple(sorted({max(1, round(steps * k / MONITOR_POINTS))
+                         for k in range(1, MONITOR_POINTS + 1)})) if steps > 0 else ()
+
+
+def write_diagnostics(rows: list[dict], diag: HeldOutDiagnostics | None, path: Path) -> list[dict]:
+    """The diagnostics of a run as a long table (also written as TSV to ``path``)."""
+    import pandas as pd
+
+    from lingshu.io import write_table
+
+    if diag is None:
+        return []
+    table = diagnostics_table(rows, diag.floors)
+    write_table(pd.DataFrame(table), path)
+    return table
 
 
 class LingshuCell(PerturbationModel):
@@ -177,12 +234,21 @@ class LingshuCell(PerturbationModel):
                                   t.to(self.device))
 
         workdir = Path(data.workdir or Path(out_path).parent)
-        result = train(net, loss_fn, sample_batch,
-                       self._train_config(self.cfg["pretrain_steps"], data.seed),
+        diag = held_out_diagnostics(data, tokens, int(self.cfg["diagnostics_cells"]), data.seed)
+
+        def monitor(model, _step):
+            return diag(lambda x, rows: model(x.to(self.device)))
+
+        steps = int(self.cfg["pretrain_steps"])
+        result = train(net, loss_fn, sample_batch, self._train_config(steps, data.seed),
                        workdir / "pretrain_state.pt", device=self.device,
                        loss_curve_path=workdir / "pretrain_loss.png",
                        fingerprint=data_fingerprint(data, stage="pretrain",
-                                                    params=self.training_settings()))
+                                                    params=self.training_settings()),
+                       monitor=monitor if diag is not None else None,
+                       monitor_steps=monitor_steps(steps))
+        diagnostics = write_diagnostics(result.monitor, diag,
+                                        workdir / "pretrain_diagnostics.tsv")
         log.info("pre-trained %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         if not is_main_process():  # under torchrun every rank trained; rank 0 writes
@@ -190,7 +256,7 @@ class LingshuCell(PerturbationModel):
         # Self-describing, so that the unconditional model can be sampled on its own.
         save_checkpoint(out_path, {
             "format": PRETRAIN_FORMAT, "network": asdict(net_cfg),
-            "genes": [str(g) for g in data.genes],
+            "genes": [str(g) for g in data.genes], "diagnostics": diagnostics,
             "weights": ema_weights(load_checkpoint(workdir / "pretrain_state.pt"))})
 
     # ------------------------------------------------------------------ fine-tuning
@@ -240,14 +306,34 @@ class LingshuCell(PerturbationModel):
             return diffusion_loss(logits, tok.to(d), mask.to(d), t.to(d))
 
         workdir = Path(data.workdir or ".")
-        result = train(net, loss_fn, sample_batch,
-                       self._train_config(self.cfg["finetune_steps"], data.seed + 1),
+        diag = held_out_diagnostics(data, tokens, int(self.cfg["diagnostics_cells"]), data.seed)
+        if diag is not None:
+            held = data.validation.obs.iloc[:diag.tokens.shape[0]]
+            h_ctx = torch.tensor([self.contexts.index(c) for c in held[CONTEXT_COL]])
+            h_pert = torch.tensor([self._pert_index(p) for p in held[PERT_COL]])
+            h_tgt = torch.stack([self._target_row(p) for p in held[PERT_COL]])
+
+        def monitor(model, _step):
+            d = self.device
+            return diag(lambda x, rows: model(
+                x.to(d), context=h_ctx[rows].to(d), perturbation=h_pert[rows].to(d),
+                target_genes=h_tgt[rows].to(d)))
+
+        steps = int(self.cfg["finetune_steps"])
+        result = train(net, loss_fn, sample_batch, self._train_config(steps, data.seed + 1),
                        workdir / "finetune_state.pt", device=self.device,
                        init_state_dict=init_state,
                        loss_curve_path=workdir / "finetune_loss.png",
                        fingerprint=data_fingerprint(
                            data, stage="finetune", params=self.training_settings(),
-                           init=sha256_file(init) if init is not None else None))
+                           init=sha256_file(init) if init is not None else None),
+                       monitor=monitor if diag is not None else None,
+                       monitor_steps=monitor_steps(steps))
+        self.diagnostics = {
+            "finetune": write_diagnostics(result.monitor, diag,
+                                          workdir / "finetune_diagnostics.tsv"),
+            "pretrain": pretrained_diagnostics(init) if init is not None else [],
+        }
         log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         net.load_state_dict(ema_weights(load_checkpoint(workdir / "finetune_state.pt")))
@@ -346,7 +432,8 @@ class LingshuCell(PerturbationModel):
                   for k, v in self.net.state_dict().items()}
         meta = {"network": asdict(self.net_cfg), "genes": self.genes, "contexts": self.contexts,
                 "perturbations": self.perturbations, "targets": self.targets,
-                "max_targets": self.max_targets, "perturbation_type": self.perturbation_type}
+                "max_targets": self.max_targets, "perturbation_type": self.perturbation_type,
+                "diagnostics": getattr(self, "diagnostics", {})}
         return arrays, meta
 
     def set_state(self, arrays, meta):
@@ -358,6 +445,7 @@ class LingshuCell(PerturbationModel):
                              "benchmark (it stores a guidance weight instead of the data's "
                              "perturbation type); delete it and re-run its fit rule")
         self.perturbation_type = meta["perturbation_type"]
+        self.diagnostics = meta.get("diagnostics", {})
         self.net_cfg = NetworkConfig(**meta["network"])
         net = LingshuNetwork(self.net_cfg)
         state = net.state_dict()

@@ -12,6 +12,12 @@ global CPU (and CUDA) RNG state of every rank, so a run that is killed and resum
 the same loss curve: on CPU the losses after the resume are bitwise identical to those of an
 uninterrupted run.
 
+A ``monitor(model, step) -> dict`` (optional) is called on rank 0 at ``monitor_steps`` with a
+copy of the model holding the EMA weights (the weights the run hands on), in eval mode and
+under ``torch.no_grad``; its rows (each with its ``step``) are kept in the checkpoint and
+returned in :class:`TrainResult`. It must draw no randomness from the loop's streams, so that
+monitoring never changes what is trained.
+
 The checkpoint format is described in :mod:`lingshu.models.training.checkpoint`, runs of
 several processes (``torchrun``) in :mod:`lingshu.models.training.ddp`.
 """
@@ -19,6 +25,7 @@ several processes (``torchrun``) in :mod:`lingshu.models.training.ddp`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -72,6 +79,7 @@ class TrainResult:
     checkpoint_path: Path | None = None
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    monitor: list[dict] = field(default_factory=list)  # the monitor's rows, oldest first
 
 
 def train(model: nn.Module,
@@ -84,7 +92,9 @@ def train(model: nn.Module,
           progress: bool = True,
           init_state_dict: dict | None = None,
           loss_curve_path: str | Path | None = None,
-          fingerprint: str | None = None) -> TrainResult:
+          fingerprint: str | None = None,
+          monitor: Callable[[nn.Module, int], dict] | None = None,
+          monitor_steps: tuple[int, ...] = ()) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps; see the module docstring.
 
     ``sample_batch(n, generator)`` returns n cells (any nesting of tensors; moved to the
@@ -105,7 +115,7 @@ def train(model: nn.Module,
     try:
         return _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume,
                       progress and rank == 0, init_state_dict, loss_curve_path, rank, world,
-                      micro, n_micro, fingerprint)
+                      micro, n_micro, fingerprint, monitor, tuple(monitor_steps))
     finally:
         if created_group:
             ddp_cleanup()
@@ -166,6 +176,8 @@ class _Run:
     bar: Any = None  # the progress bar (rank 0 only)
     log_time: float = 0.0  # start of the window the logged throughput is measured over
     log_step: int = 0
+    monitor: Callable[[nn.Module, int], dict] | None = None
+    monitor_rows: list[dict] = field(default_factory=list)
 
     @property
     def main(self) -> bool:
@@ -174,7 +186,7 @@ class _Run:
 
 def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, show_bar,
            init_state_dict, loss_curve_path, rank, world, micro, n_micro,
-           fingerprint=None) -> TrainResult:
+           fingerprint=None, monitor=None, monitor_steps=()) -> TrainResult:
     model = unwrap_model(model).to(device)
     model.train()
     generator = torch.Generator(device=device)
@@ -184,7 +196,7 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
     run = _Run(cfg=cfg, checkpoint_path=checkpoint_path, loss_curve_path=loss_curve_path,
                fingerprint=fingerprint, rank=rank, world=world, device=device, micro=micro,
                n_micro=n_micro, model=model, net=model, generator=generator,
-               optimizer=optimizer, ema=ema)
+               optimizer=optimizer, ema=ema, monitor=monitor)
     _resume_or_seed(run, ckpt)
     del ckpt
     run.net = _wrap_model(model, cfg, world, device)
@@ -203,6 +215,8 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
                 run.bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 _log_progress(run, step, lr, grad_norm)
+            if step in monitor_steps:
+                _monitor(run, step)
             if step % cfg.checkpoint_every == 0:
                 _flush_losses(run)
                 _save(run, step)
@@ -292,6 +306,7 @@ def _resume_or_seed(run: _Run, ckpt: dict | None) -> None:
     run.losses = [float(x) for x in ckpt["losses"]][:run.start_step]
     run.train_seconds = float(ckpt.get("train_seconds", 0.0))
     run.cells_seen = int(ckpt.get("cells_seen", 0))
+    run.monitor_rows = [dict(r) for r in ckpt.get("monitor", []) if r["step"] <= run.start_step]
     _restore_rng(ckpt, run.rank, run.world, run.generator, run.device, run.cfg.seed)
     if run.main:
         log.info("resumed from %s at step %d/%d", run.checkpoint_path, run.start_step,
@@ -423,10 +438,28 @@ def _save(run: _Run, step: int) -> None:
         "rng": rng,
         "train_seconds": run.train_seconds + (time.perf_counter() - run.t0),
         "cells_seen": run.cells_seen,
+        "monitor": list(run.monitor_rows),
     }
     save_checkpoint(run.checkpoint_path, state)
     if run.loss_curve_path is not None:
         plot_loss_curve(run.losses, run.loss_curve_path)
+
+
+def _monitor(run: _Run, step: int) -> None:
+    """Call the monitor on a copy of the model holding the EMA weights (rank 0 only)."""
+    if run.monitor is None or not run.main:
+        return
+    shadow = copy.deepcopy(run.model)
+    run.ema.copy_to(shadow)
+    shadow.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        row = {"step": step, **run.monitor(shadow, step)}
+    del shadow
+    run.monitor_rows.append(row)
+    log.info("step %d: %s (%.1f s)", step, ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        if k != "step"), time.perf_counter() - start)
 
 
 def _final_checkpoint(run: _Run, last_saved: int) -> None:
@@ -458,7 +491,8 @@ def _result(run: _Run, missing: list[str], unexpected: list[str]) -> TrainResult
                        cells_per_second=done * cfg.batch_size / max(seconds, 1e-9),
                        peak_memory_mb=peak, memory_kind=kind, start_step=run.start_step,
                        world_size=run.world, checkpoint_path=run.checkpoint_path,
-                       missing_keys=missing, unexpected_keys=unexpected)
+                       missing_keys=missing, unexpected_keys=unexpected,
+                       monitor=list(run.monitor_rows))
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
