@@ -22,3 +22,6 @@ SPLIT_REFERENCE = "in_reference"  # kept out of all training: the generation-fid
 
 # Expression space of predictions and of the truth used for evaluation.
 TARGET_SUM = 1e4  # log1p(counts / library * 1e4), the CP10k convention of SPEC 5
+# uns['lingshu'] key of a prediction: JSON list of the conditions (context, perturbation,
+# reason) its model could not encode; they have no predicted cells and are not scored for it.
+NOT_ENCODED = "not_encoded"

@@ -351,3 +351,28 @@ def test_bootstrap_pools_contexts_of_one_condition_each():
                           "pearson_delta": [0.2, 0.8]})
     low, high = bootstrap_ci(table, "pearson_delta", n_boot=500, seed=0)
     assert low == pytest.approx(0.2) and high == pytest.approx(0.8)
+
+
+def test_conditions_a_model_could_not_encode_are_left_out_of_its_scores(truth, tmp_path):
+    from lingshu.evaluate.perturbation import without_conditions
+
+    truth_path, pred_path = tmp_path / "truth.h5ad", tmp_path / "pred.h5ad"
+    truth.write_h5ad(truth_path)
+    pred = make_prediction(truth, "perfect")
+    skipped = PERTS[0]
+    pred = pred[(pred.obs[PERT_COL] != skipped).to_numpy()].copy()
+    ctx = str(truth.obs[CONTEXT_COL].iloc[0])
+    pred.uns["lingshu"] = {"model": "m", "run": "m", "not_encoded": json.dumps(
+        [{"context": ctx, "perturbation": skipped, "reason": "never seen"}])}
+    pred.write_h5ad(pred_path)
+    evaluate_to_dir(str(truth_path), str(pred_path), str(tmp_path / "out"), threads=1)
+    summary = read_summary(str(tmp_path / "out"))
+    assert summary["n_conditions"] == len(PERTS) - 1
+    assert summary["not_encoded"][0]["perturbation"] == skipped
+    # without the list the missing condition is an error, as before
+    del pred.uns["lingshu"]["not_encoded"]
+    pred.write_h5ad(pred_path)
+    with pytest.raises(InputError, match="missing"):
+        evaluate_to_dir(str(truth_path), str(pred_path), str(tmp_path / "out2"), threads=1)
+    with pytest.raises(ValueError, match="does not hold"):
+        without_conditions(truth, [{"context": ctx, "perturbation": "nope", "reason": ""}])

@@ -202,3 +202,32 @@ def test_stages_read_a_backed_file_as_in_memory(tiny_processed, tmp_path):
                                gene_embedding(x[np.sort(np.random.default_rng(1).choice(
                                    300, 100, replace=False))], 3, seed=1, max_cells=100),
                                rtol=1e-5)
+
+
+def test_a_condition_the_model_cannot_encode_is_listed_not_dropped_nor_fatal(tiny_processed):
+    """A model that raises ConditionNotEncodable for one condition: the prediction holds the
+    other conditions and lists that one (context, perturbation, reason) in uns."""
+    import json
+
+    from lingshu.models.base import ConditionNotEncodable
+
+    split = make_split(tiny_processed.obs, SPEC, seed=0)
+    model, _ = _fit("control_mean", tiny_processed, split)
+    skipped = split.test_conditions().iloc[0]
+    real_predict = model.predict
+
+    def predict(condition, rng):
+        if (condition.context, condition.perturbation) == (skipped["context"],
+                                                           skipped["perturbation"]):
+            raise ConditionNotEncodable(condition.context, condition.perturbation,
+                                        "never seen", model="control_mean")
+        return real_predict(condition, rng)
+
+    model.predict = predict
+    pred = predict_conditions(model, tiny_processed, split, seed=0, progress=False)
+    listed = json.loads(pred.uns["lingshu"]["not_encoded"])
+    assert listed == [{"context": skipped["context"], "perturbation": skipped["perturbation"],
+                       "reason": "never seen"}]
+    pairs = set(zip(pred.obs["context"], pred.obs["perturbation"]))
+    assert (skipped["context"], skipped["perturbation"]) not in pairs
+    assert pred.n_obs == int(split.test_conditions()["n_cells"].sum()) - int(skipped["n_cells"])

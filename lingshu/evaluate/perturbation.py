@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from scipy.stats import ConstantInputWarning, rankdata, spearmanr
 from tqdm.auto import tqdm
 
-from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.constants import CONTEXT_COL, CONTROL, NOT_ENCODED, PERT_COL
 from lingshu.errors import input_error
 from lingshu.io import write_json, write_table
 
@@ -99,6 +99,31 @@ def _perturbations_by_context(adata: ad.AnnData) -> dict[str, set[str]]:
     """Map each context to the set of perturbation labels seen in it (control included)."""
     obs = adata.obs[ID_COLUMNS].astype(str)
     return {ctx: set(group[PERT_COL]) for ctx, group in obs.groupby(CONTEXT_COL)}
+
+
+def not_encoded(pred: ad.AnnData) -> list[dict[str, str]]:
+    """The conditions (context, perturbation, reason) the prediction's model could not encode
+    (:class:`lingshu.models.base.ConditionNotEncodable`), from ``uns['lingshu']``."""
+    value = pred.uns.get("lingshu", {}).get(NOT_ENCODED)
+    return json.loads(value) if value else []
+
+
+def without_conditions(truth: ad.AnnData, conditions: list[dict[str, str]]) -> ad.AnnData:
+    """The truth without the cells of ``conditions``, and without the control cells of a
+    context none of whose conditions is left (the model is scored on the rest only)."""
+    if not conditions:
+        return truth
+    obs = truth.obs[ID_COLUMNS].astype(str)
+    pairs = set(zip(obs[CONTEXT_COL], obs[PERT_COL]))
+    drop = {(c["context"], c["perturbation"]) for c in conditions}
+    unknown = sorted(drop - pairs)
+    if unknown:
+        raise ValueError(f"the prediction lists conditions as not encoded that the truth does "
+                         f"not hold: {unknown[:5]}")
+    keep = ~pd.Series(list(zip(obs[CONTEXT_COL], obs[PERT_COL])), index=obs.index).isin(drop)
+    left = {c for c, p in pairs - drop if p != CONTROL}
+    keep &= obs[CONTEXT_COL].isin(left)
+    return truth[keep.to_numpy()].copy()
 
 
 def validate_inputs(truth: ad.AnnData, pred: ad.AnnData, truth_label: str, pred_label: str) -> None:
@@ -288,6 +313,7 @@ def evaluate_predictions(
         if pred is None:
             raise ValueError("evaluate_predictions: pred is required unless ceiling=True")
         pred, pred_label = _read(pred, "prediction")
+        truth = without_conditions(truth, not_encoded(pred))
         validate_inputs(truth, pred, truth_label, pred_label)
 
     out = Path(outdir)
@@ -506,7 +532,8 @@ def evaluate_to_dir(
 
     Writes ``per_condition.tsv``, ``cell_eval/<context>/``, ``ceiling_agg.tsv`` (ceiling only),
     ``summary.json``: ``{"model" (the run's name), "sampling", "ceiling", "metrics": summary
-    dict, "n_conditions", "n_contexts", "seconds"}``, and for a prediction
+    dict, "n_conditions" (scored), "n_contexts", "not_encoded" (the conditions the model
+    could not encode, not scored), "seconds"}``, and for a prediction
     ``distribution.tsv``: per held-out condition, the predicted cells' distribution against the
     real ones (:func:`lingshu.evaluate.fidelity.condition_fidelity`). For the ceiling,
     ``metrics`` is the Spearman-Brown corrected ceiling (:func:`ceiling_summary`), not the raw
@@ -524,7 +551,9 @@ def evaluate_to_dir(
 
         metrics = summarize(per_condition)
         record = _run_record(pred_path)
-        distribution = condition_fidelity(ad.read_h5ad(truth_path), ad.read_h5ad(pred_path), seed=seed)
+        pred = ad.read_h5ad(pred_path)
+        record["not_encoded"] = not_encoded(pred)
+        distribution = condition_fidelity(ad.read_h5ad(truth_path), pred, seed=seed)
         write_table(distribution, Path(outdir) / DISTRIBUTION)
     summary = {
         "model": record["run"],
@@ -533,6 +562,7 @@ def evaluate_to_dir(
         "metrics": {k: (None if not np.isfinite(v) else v) for k, v in metrics.items()},
         "n_conditions": int(len(per_condition)),
         "n_contexts": int(per_condition[CONTEXT_COL].nunique()),
+        "not_encoded": record.get("not_encoded", []),
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_json(summary, Path(outdir) / "summary.json")

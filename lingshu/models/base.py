@@ -91,6 +91,26 @@ class ConditionInput:
     prior_genes: tuple[str, ...] = ()
 
 
+class ConditionNotEncodable(ValueError):
+    """A model cannot encode a condition (e.g. its context was never seen in training, or it
+    has no control cells to start from).
+
+    Raised by :meth:`PerturbationModel.predict`; the harness records the condition as not
+    encoded by that model (the prediction file lists it, the evaluation scores the model on
+    the other conditions and the report names it), rather than failing the run or dropping
+    it silently. ``context``, ``perturbation`` and ``reason`` say which and why.
+    """
+
+    def __init__(self, context: str, perturbation: str, reason: str, model: str = "") -> None:
+        self.context, self.perturbation, self.reason = context, perturbation, reason
+        prefix = f"{model}: " if model else ""
+        super().__init__(f"{prefix}cannot encode condition {context}/{perturbation}: {reason}")
+
+    def record(self) -> dict[str, str]:
+        return {"context": self.context, "perturbation": self.perturbation,
+                "reason": self.reason}
+
+
 class PerturbationModel(ABC):
     """Fit on training cells; predict held-out conditions; save and load its state.
 
@@ -119,13 +139,17 @@ class PerturbationModel(ABC):
 
     def predict_many(self, conditions: list[ConditionInput], rng: np.random.Generator,
                      progress: bool = False) -> Iterator[np.ndarray]:
-        """Predict several conditions, in order; yields one array per condition.
+        """Predict several conditions, in order; yields one array per condition, or the
+        :class:`ConditionNotEncodable` raised for a condition the model cannot encode.
 
         The default calls :meth:`predict` for each; a model whose prediction has a high fixed
         cost (a subprocess, loading a large checkpoint) overrides this to pay it once.
         """
         for condition in tqdm(conditions, desc=f"predict {self.name}", disable=not progress):
-            yield self.predict(condition, rng)
+            try:
+                yield self.predict(condition, rng)
+            except ConditionNotEncodable as err:
+                yield err
 
     def set_sampling(self, params: dict[str, Any]) -> None:
         """Apply a run's sampling settings (its spec's ``sampling_keys``, e.g. guidance) to a

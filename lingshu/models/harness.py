@@ -29,6 +29,7 @@ from lingshu.config import DatasetEntry
 from lingshu.constants import (
     BATCH_COL,
     CONTEXT_COL,
+    NOT_ENCODED,
     PERT_COL,
     SPLIT_CONTROL_INPUT,
     SPLIT_TRAIN,
@@ -41,6 +42,7 @@ from lingshu.errors import InputError
 from lingshu.io import write_h5ad
 from lingshu.models.base import (
     ConditionInput,
+    ConditionNotEncodable,
     PerturbationModel,
     TrainingData,
     is_main_process,
@@ -209,7 +211,8 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
     control input cells (raw counts) and, with a ``prior`` (perturbation -> genes), the
     perturbation's prior genes. Returns the predicted cells only, log1p(CP10k) float32 CSR in
     the processed data's gene order, obs ``perturbation`` and ``context``; ``uns['lingshu']``
-    records the model, the run, its sampling settings and the time taken.
+    records the model, the run, its sampling settings and the time taken, and (as JSON, under
+    ``not_encoded``) the conditions the model could not encode, which get no cells.
     """
     ctrl_rows = split.rows(SPLIT_CONTROL_INPUT, adata.obs_names)
     ctrl_context = split.cells[CONTEXT_COL].to_numpy()[ctrl_rows]
@@ -225,11 +228,16 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
         inputs.append(ConditionInput(ctx, pert, controls_of[ctx], n,
                                      prior_genes=tuple((prior or {}).get(pert, ()))))
     outputs = iter(model.predict_many(inputs, rng, progress=progress))
+    not_encoded = []
     for cond in inputs:
         x = next(outputs, None)
         if x is None:
             raise ValueError(f"{model.name} returned fewer predictions than the "
                              f"{len(inputs)} conditions")
+        if isinstance(x, ConditionNotEncodable):
+            log.warning("%s", x)
+            not_encoded.append(x.record())
+            continue
         ctx, pert, n = cond.context, cond.perturbation, cond.n_cells
         if x.shape != (n, adata.n_vars):
             raise ValueError(f"{model.name} returned shape {x.shape} for {ctx}/{pert}; "
@@ -248,6 +256,8 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
                            "sampling": json.dumps(sampling or {}, sort_keys=True),
                            "space": "log1p_cp10k",
                            "predict_seconds": time.perf_counter() - start}
+    if not_encoded:
+        pred.uns["lingshu"][NOT_ENCODED] = json.dumps(not_encoded)
     if model.diagnostics:
         pred.uns["lingshu"]["diagnostics"] = json.dumps(model.diagnostics)
     return pred

@@ -83,6 +83,11 @@ def build_report(
     ceiling = load_ceiling(ceiling_dir)
 
     table = paper_table(per_condition, ceiling, n_boot=n_boot, seed=seed)
+    summaries = {run: read_summary(folder) for run, folder in eval_dirs.items()}
+    not_encoded = {run: s.get("not_encoded") or [] for run, s in summaries.items()}
+    if any(not_encoded.values()):  # scored on fewer conditions: say so in the table itself
+        table["not encoded"] = [len(not_encoded.get(m, [])) if m in not_encoded else None
+                                for m in table["model"]]
     full = full_metrics_table(per_condition, ceiling)
     write_table(table, out / "table.tsv")
     _write_text(to_markdown(table), out / "table.md")
@@ -124,10 +129,11 @@ def build_report(
         write_table(diagnostics, out / "training_diagnostics.tsv")
         diagnostics_png = fig_dir / "training_diagnostics.png"
         draw_diagnostics(diagnostics, diagnostics_png)
-    sampling = {run: read_summary(folder).get("sampling") or {} for run, folder in eval_dirs.items()}
+    sampling = {run: s.get("sampling") or {} for run, s in summaries.items()}
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
                          features, distribution=distribution, context_scores=by_context,
                          context_png=context_png, generation=generation, sampling=sampling,
+                         not_encoded=not_encoded,
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

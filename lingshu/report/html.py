@@ -198,6 +198,18 @@ def _diagnostics_html(diagnostics: tuple[pd.DataFrame, Path] | None) -> str:
     )
 
 
+def _not_encoded_html(not_encoded: dict[str, list[dict]] | None) -> str:
+    rows = [{"model": run, **c} for run, conditions in (not_encoded or {}).items()
+            for c in conditions]
+    if not rows:
+        return ""
+    return (
+        "<p><b>Conditions a model could not encode</b> (they have no predicted cells; that "
+        "model's scores average its other conditions, and the table's <code>not encoded</code> "
+        "column counts them):</p>" + _frame_html(pd.DataFrame(rows))
+    )
+
+
 def render_report(
     dataset: str,
     table: pd.DataFrame,
@@ -213,6 +225,7 @@ def render_report(
     generation: tuple[pd.DataFrame, list[Path]] | None = None,
     sampling: dict[str, dict] | None = None,
     diagnostics: tuple[pd.DataFrame, Path] | None = None,
+    not_encoded: dict[str, list[dict]] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -234,6 +247,8 @@ def render_report(
             sampling variants).
         diagnostics: (last diagnosed step per model and stage, its figure) of the models that
             diagnose their training, or None.
+        not_encoded: run -> the conditions (context, perturbation, reason) its model could
+            not encode.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -253,6 +268,7 @@ def render_report(
         paper_table_html(table),
         f"<p>Best model per column in bold; {html.escape(AVERAGE_RANK)} lower is better.</p>",
         scores_note,
+        _not_encoded_html(not_encoded),
         _ceiling_sentence(table),
         "<h2>Figures</h2>",
         *(_embed(f) for f in figures),

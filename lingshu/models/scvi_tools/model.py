@@ -59,7 +59,13 @@ from tqdm.auto import tqdm
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.features import SOURCE_COL, feature_matrix
 from lingshu.data.normalize import log1p_cp10k
-from lingshu.models.base import ConditionInput, PerturbationModel, TrainingData, model_workdir
+from lingshu.models.base import (
+    ConditionInput,
+    ConditionNotEncodable,
+    PerturbationModel,
+    TrainingData,
+    model_workdir,
+)
 from lingshu.stats import sample_negative_binomial
 
 log = logging.getLogger(__name__)
@@ -91,19 +97,6 @@ DEFAULTS: dict[str, Any] = {"preset": "cpu", "threads": None,
                             **{k: None for k in PRESETS["cpu"]}}
 LIKELIHOODS = ("zinb", "nb")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConditionNotEncodable(ValueError):
-    """A condition scVI cannot encode: its context was never seen in training (the decoder has
-    no level for it), or there are no control cells of it to encode.
-
-    The harness should mark the condition as not predicted by this model in the report rather
-    than fail the run; ``context``, ``perturbation`` and ``reason`` say which and why.
-    """
-
-    def __init__(self, context: str, perturbation: str, reason: str) -> None:
-        self.context, self.perturbation, self.reason = context, perturbation, reason
-        super().__init__(f"scvi: cannot encode condition {context}/{perturbation}: {reason}")
 
 
 @contextlib.contextmanager
@@ -326,7 +319,7 @@ class ScviModel(PerturbationModel):
         if ctx not in self.contexts:
             raise ConditionNotEncodable(ctx, label, f"context {ctx!r} was not seen in training "
                                         f"(seen: {self.contexts}); the decoder has no level "
-                                        "for it")
+                                        "for it", model=self.name)
         controls = (sp.csr_matrix(condition.control_counts, dtype=np.float32)
                     if condition.control_counts is not None else sp.csr_matrix((0, 0)))
         if controls.shape[0] and controls.shape[1] != len(self.genes):
@@ -339,7 +332,7 @@ class ScviModel(PerturbationModel):
             return np.zeros((0, len(self.genes)), dtype=np.float32)
         if n_ctrl == 0:
             raise ConditionNotEncodable(ctx, label, "no control cells with counts in the "
-                                        "context to encode")
+                                        "context to encode", model=self.name)
         rows = rng.choice(n_ctrl, size=n, replace=n > n_ctrl)
         c = self.contexts.index(ctx)
         level = self.levels.index(label) if label in self.levels[1:] else 0
