@@ -8,10 +8,11 @@ Hierarchical set-aware encoder (:class:`SetEncoder`), for the source (control) c
 
 1. genes are a set of tokens ``e_g + phi(x_g) U`` (a learned gene embedding plus a projection
    of a small basis of the gene's log1p(CP10k) value, ``phi(x) = (x, 1[x > 0], sqrt(x))``);
-   ``gene_seeds`` learned seed queries pool them by multi-head attention (:class:`GenePooling`,
-   the set transformer's PMA). Keys and values are linear in the tokens, so the attention is
-   computed from the (G, d) gene table and the (cells, G, 3) value basis without building the
-   (cells, G, d) token tensor: the same numbers, at a fraction of the cost;
+   ``gene_seeds`` learned seed queries pool them by attention, each seed one head
+   (:class:`GenePooling`, the set transformer's PMA). Keys and values are linear in the
+   tokens, so the attention is computed from the (G, d) gene table and the (3, cells, G)
+   value basis without building the (cells, G, d) token tensor: the same numbers, at a
+   fraction of the cost;
 2. set-transformer self-attention blocks over the seed slots, then a second PMA with one seed
    gives the cell embedding (cells, d). Nothing depends on the order of the genes;
 3. a set-equivariant fusion: self-attention blocks across the S cells of a set, without
@@ -76,8 +77,8 @@ class ScaleConfig:
 
 
 def value_basis(x: torch.Tensor) -> torch.Tensor:
-    """(..., G) log1p expression -> (..., G, 3) basis (x, 1[x > 0], sqrt(x))."""
-    return torch.stack([x, (x > 0).to(x.dtype), torch.sqrt(x.clamp_min(0.0))], dim=-1)
+    """(N, G) log1p expression -> (3, N, G) basis (x, 1[x > 0], sqrt(x))."""
+    return torch.stack([x, (x > 0).to(x.dtype), torch.sqrt(x.clamp_min(0.0))])
 
 
 def feed_forward(d: int, ratio: int = 4) -> nn.Sequential:
@@ -142,12 +143,13 @@ class GenePooling(nn.Module):
 
     Token of gene g: ``e_g + phi(x_g) U``. Keys and values are linear maps of the tokens, so
     ``k_g = e_g W_k + b_k + phi(x_g) (U W_k)``: the gene part is computed once per call and the
-    value part is a rank-3 correction per cell (no (N, G, d) tensor is built).
+    value part is a rank-3 correction per cell (no (N, G, d) tensor is built). Each of the m
+    seeds is one attention head over the genes (single-head attention per seed: the seeds
+    play the role of heads, which keeps the (m, N, G) score tensor, the cost, small).
     """
 
-    def __init__(self, n_genes: int, d: int, n_seeds: int, n_heads: int) -> None:
+    def __init__(self, n_genes: int, d: int, n_seeds: int) -> None:
         super().__init__()
-        self.n_heads = n_heads
         self.gene_emb = nn.Parameter(torch.randn(n_genes, d) * 0.02)
         self.value_emb = nn.Parameter(torch.randn(N_BASIS, d) * 0.02)  # U
         self.seeds = nn.Parameter(torch.randn(n_seeds, d) * 0.02)
@@ -160,20 +162,20 @@ class GenePooling(nn.Module):
     def forward(self, x: torch.Tensor, gene_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, G') log1p expression of the genes ``gene_idx`` (default: all, in order)."""
         emb = self.gene_emb if gene_idx is None else self.gene_emb[gene_idx]  # (G', d)
-        heads, d = self.n_heads, emb.shape[1]
-        dh = d // heads
-        phi = value_basis(x)  # (N, G', r)
-        k_gene = self.k(emb).view(-1, heads, dh)  # (G', H, dh)
-        v_gene = self.v(emb).view(-1, heads, dh)
-        k_value = (self.value_emb @ self.k.weight.T).view(N_BASIS, heads, dh)  # (r, H, dh)
-        v_value = (self.value_emb @ self.v.weight.T).view(N_BASIS, heads, dh)
-        q = self.q(self.norm_q(self.seeds)).view(-1, heads, dh) / math.sqrt(dh)  # (m, H, dh)
-        scores = torch.einsum("mhd,ghd->mhg", q, k_gene)[None] + torch.einsum(
-            "ngr,mhr->nmhg", phi, torch.einsum("mhd,rhd->mhr", q, k_value))
-        p = torch.softmax(scores, dim=-1)  # (N, m, H, G')
-        pooled = torch.einsum("nmhg,ghd->nmhd", p, v_gene) + torch.einsum(
-            "nmhr,rhd->nmhd", torch.einsum("nmhg,ngr->nmhr", p, phi), v_value)
-        slots = self.seeds[None] + self.out(pooled.flatten(-2))  # (N, m, d)
+        n, g = x.shape
+        m, d = self.seeds.shape
+        phi = value_basis(x)  # (r, N, G')
+        q = self.q(self.norm_q(self.seeds)) / math.sqrt(d)  # (m, d)
+        k_value = self.value_emb @ self.k.weight.T  # (r, d): U W_k
+        v_value = self.value_emb @ self.v.weight.T
+        # scores (m, N, G'): the gene part plus the rank-3 value part; softmax over genes
+        scores = (q @ self.k(emb).T)[:, None, :] + (
+            (q @ k_value.T) @ phi.reshape(N_BASIS, -1)).view(m, n, g)
+        p = torch.softmax(scores, dim=-1)
+        pooled = (p.reshape(m * n, g) @ self.v(emb)).view(m, n, d)
+        p_phi = torch.bmm(p.transpose(0, 1), phi.permute(1, 2, 0))  # (N, m, r)
+        pooled = pooled.transpose(0, 1) + p_phi @ v_value  # (N, m, d)
+        slots = self.seeds[None] + self.out(pooled)
         return slots + self.ff(self.norm_ff(slots))
 
 
@@ -183,7 +185,7 @@ class SetEncoder(nn.Module):
     def __init__(self, cfg: ScaleConfig) -> None:
         super().__init__()
         d, heads = cfg.d_model, cfg.n_heads
-        self.gene_pool = GenePooling(cfg.n_genes, d, cfg.gene_seeds, heads)
+        self.gene_pool = GenePooling(cfg.n_genes, d, cfg.gene_seeds)
         self.slot_blocks = nn.ModuleList(Block(d, heads) for _ in range(cfg.encoder_layers))
         self.cell_seed = nn.Parameter(torch.randn(1, d) * 0.02)
         self.cell_pool = Block(d, heads, cross=True)
