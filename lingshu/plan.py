@@ -129,8 +129,14 @@ def model_block(config: dict, model: str, dataset: str | None = None) -> dict[st
 
 
 def training_params(config: dict, model: str, dataset: str) -> dict[str, Any]:
-    """What the pre-train and fit jobs of a model get (and hash): no resources, no sampling."""
+    """What the fit job of a model gets (and hashes): no resources, no sampling."""
     return get_spec(model).training_params(model_block(config, model, dataset))
+
+
+def pretraining_params(config: dict, model: str, dataset: str) -> dict[str, Any]:
+    """What a model's pre-train job gets (and hashes): its training settings less the fit-only
+    ones, so editing a fine-tuning setting never re-runs the pre-training."""
+    return get_spec(model).pretraining_params(model_block(config, model, dataset))
 
 
 def sampling_params(config: dict, run: str, dataset: str) -> dict[str, Any]:

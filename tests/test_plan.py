@@ -8,7 +8,7 @@ import yaml
 
 from lingshu import plan
 from lingshu.config import DatasetEntry
-from lingshu.models.spec import get_spec, parse_run, run_name
+from lingshu.models.spec import get_spec, model_names, parse_run, run_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_runs_are_the_models_then_their_sampling_variants():
     cfg = _config(variants={"w0": {"guidance": 0.0}, "steps16": {"sample_steps": 16}})
     runs = plan.runs_of(cfg, "sim_genetic")
     assert runs == ["control_mean", "linear", "lingshu", "lingshu@w0", "lingshu@steps16",
-                    "perturbation_mean", "scldm", "state"]
+                    "perturbation_mean", "scale", "scldm", "scvi", "state"]
     assert parse_run("lingshu@w0") == ("lingshu", "w0") and parse_run("linear") == ("linear", None)
     assert run_name("lingshu", "w0") == "lingshu@w0"
 
@@ -35,6 +35,20 @@ def test_training_jobs_never_see_sampling_settings_or_resources():
                         "batch_size": 64}
     edited = _config(guidance=2.5, sample_steps=8, threads=1, variants={"w9": {"guidance": 9}})
     assert plan.training_params(edited, "lingshu", "sim_genetic") == training
+
+
+def test_pretraining_never_sees_fine_tuning_settings():
+    cfg = _config()
+    assert plan.pretraining_params(cfg, "lingshu", "sim_genetic") == {
+        "preset": "small", "pretrain_steps": 300, "batch_size": 64}
+    edited = _config(finetune_steps=21, identity_dropout=0.2)
+    assert plan.pretraining_params(edited, "lingshu", "sim_genetic") == plan.pretraining_params(
+        cfg, "lingshu", "sim_genetic")
+    assert plan.training_params(edited, "lingshu", "sim_genetic") != plan.training_params(
+        cfg, "lingshu", "sim_genetic")
+    for name in model_names():
+        spec = get_spec(name)
+        assert not spec.fit_keys & spec.sampling_keys and (spec.pretrains or not spec.fit_keys)
 
 
 def test_a_variant_samples_on_top_of_the_base_settings():
@@ -59,7 +73,8 @@ def test_dataset_model_params_reach_that_dataset_only():
 
 def test_only_variants_that_change_generation_generate_again():
     cfg = _config(variants={"w3": {"guidance": 3.0}, "long": {"unconditional_steps": 512}})
-    assert plan.generation_runs_of(cfg, "sim_genetic") == ["lingshu", "lingshu@long", "scldm"]
+    assert plan.generation_runs_of(cfg, "sim_genetic") == ["lingshu", "lingshu@long", "scldm",
+                                                           "scvi"]
     cfg["datasets"]["sim_genetic"]["split"]["reference_fraction"] = 0
     assert plan.generation_runs_of(cfg, "sim_genetic") == []
 

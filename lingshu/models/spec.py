@@ -13,7 +13,9 @@ A model's config block holds three kinds of keys:
 - resources (``threads``, ``mem_mb``, ``gpu``): Snakemake's, never seen by the model;
 - sampling keys (:attr:`ModelSpec.sampling_keys`): read only when the fitted model predicts
   or generates, so changing one re-runs sampling, evaluation and the report, never training;
-- every other key: training settings, hashed by the pre-train and fit jobs.
+- every other key: training settings, hashed by the fit job and, except the fit-only keys
+  (:attr:`ModelSpec.fit_keys`), by the pre-train job: changing a fine-tuning setting re-runs
+  the fit, never the pre-training.
 
 ``variants`` (name -> sampling keys) adds one prediction per variant from the same fit; each is
 a row of the report named ``<model>@<variant>``.
@@ -52,6 +54,8 @@ class ModelSpec:
     sampling_keys: parameters read only at prediction / generation.
     generation_keys: the sampling keys that change unconditional generation (a variant that
         changes none of them shares the base model's generated cells).
+    fit_keys: training keys only the fit stage reads (its pre-train job neither gets nor
+        hashes them).
     """
 
     name: str
@@ -64,6 +68,7 @@ class ModelSpec:
     env: str = "models"
     sampling_keys: frozenset[str] = field(default_factory=frozenset)
     generation_keys: frozenset[str] = field(default_factory=frozenset)
+    fit_keys: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if self.generates_from not in (None, "pretrain", "fit"):
@@ -72,6 +77,10 @@ class ModelSpec:
             raise ValueError(f"{self.name}: generates from its pre-training but has none")
         if not self.generation_keys <= self.sampling_keys:
             raise ValueError(f"{self.name}: generation_keys must be sampling keys")
+        if self.fit_keys & self.sampling_keys:
+            raise ValueError(f"{self.name}: fit_keys are training keys, not sampling keys")
+        if self.fit_keys and not self.pretrains:
+            raise ValueError(f"{self.name}: fit_keys need a pre-training stage")
         if VARIANT_SEP in self.name or not VARIANT_NAME.match(self.name):
             raise ValueError(f"{self.name!r}: a model name is letters, digits, _ and -")
 
@@ -86,6 +95,10 @@ class ModelSpec:
         variants removed): what the pre-train and fit jobs get and hash."""
         drop = RESOURCE_KEYS | self.sampling_keys | {VARIANTS_KEY}
         return {k: v for k, v in block.items() if k not in drop}
+
+    def pretraining_params(self, block: dict[str, Any]) -> dict[str, Any]:
+        """The training keys the pre-train job gets and hashes (the fit-only keys removed)."""
+        return {k: v for k, v in self.training_params(block).items() if k not in self.fit_keys}
 
     def sampling_params(self, block: dict[str, Any], variant: str | None = None) -> dict[str, Any]:
         """The sampling keys of a config block, with a variant's on top."""

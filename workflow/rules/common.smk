@@ -49,9 +49,14 @@ def model_block(model, dataset=None):
 
 
 def training_json(model, dataset):
-    """What a model's pre-train and fit jobs get: its training settings only, so that changing
-    a sampling setting (guidance, steps) never re-runs them."""
+    """What a model's fit job gets: its training settings only, so that changing a sampling
+    setting (guidance, steps) never re-runs it."""
     return plan.params_json(plan.training_params(config, model, dataset))
+
+
+def pretraining_json(model, dataset):
+    """What a model's pre-train job gets: its training settings less the fit-only ones."""
+    return plan.params_json(plan.pretraining_params(config, model, dataset))
 
 
 def sampling_json(run, dataset):

@@ -31,7 +31,7 @@ rule pretrain_model:
     output:
         f"{R}/{{dataset}}/models/{{model}}/pretrain.pt",
     params:
-        training=lambda w: training_json(w.model, w.dataset),
+        training=lambda w: pretraining_json(w.model, w.dataset),
         entry=lambda w: entry_json(w.dataset),
         split=split_dir,
         seed=config["seed"],

@@ -195,6 +195,11 @@ class LingshuCell(PerturbationModel):
         sampling settings."""
         return {k: v for k, v in self.cfg.items() if k not in SAMPLING_KEYS}
 
+    def pretraining_settings(self) -> dict[str, Any]:
+        """The settings that shape pre-training (the fit-only ones left out)."""
+        return {k: v for k, v in self.training_settings().items()
+                if k not in SPECS[0].fit_keys}
+
     def guidance(self) -> float:
         """The guidance weight w: the configured one, else SPEC 1.4's 2 for genetic and 3 for
         stimulation data."""
@@ -244,7 +249,7 @@ class LingshuCell(PerturbationModel):
                        workdir / "pretrain_state.pt", device=self.device,
                        loss_curve_path=workdir / "pretrain_loss.png",
                        fingerprint=data_fingerprint(data, stage="pretrain",
-                                                    params=self.training_settings()),
+                                                    params=self.pretraining_settings()),
                        monitor=monitor if diag is not None else None,
                        monitor_steps=monitor_steps(steps))
         diagnostics = write_diagnostics(result.monitor, diag,

@@ -178,6 +178,11 @@ class ScLDM(PerturbationModel):
         """The settings that shape training (what resumable state is tied to)."""
         return {k: v for k, v in self.cfg.items() if k not in SPECS[0].sampling_keys}
 
+    def pretraining_settings(self) -> dict[str, Any]:
+        """The settings that shape pre-training (the fit-only ones left out)."""
+        return {k: v for k, v in self.training_settings().items()
+                if k not in SPECS[0].fit_keys}
+
     # ------------------------------------------------------------------ configuration
     def _autoencoder_config(self, n_genes: int) -> AutoencoderConfig:
         keys = ("d_model", "n_heads", "latent_tokens", "latent_dim", "encoder_layers",
@@ -233,7 +238,7 @@ class ScLDM(PerturbationModel):
                            state_path, device=self.device,
                            loss_curve_path=workdir / "autoencoder_loss.png",
                            fingerprint=data_fingerprint(data, stage="autoencoder",
-                                                        params=self.training_settings()))
+                                                        params=self.pretraining_settings()))
             weights = ema_weights(load_checkpoint(state_path))
         ae.load_state_dict(weights)
         ae.eval()

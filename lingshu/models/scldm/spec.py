@@ -14,5 +14,8 @@ SPECS = (
         generates_from="fit",
         sampling_keys=frozenset({"guidance", "sample_steps", "sample_batch", "output"}),
         generation_keys=frozenset({"sample_steps", "sample_batch"}),
+        fit_keys=frozenset({"dit_d_model", "dit_layers", "dit_heads", "flow_steps",
+                            "flow_batch_size", "flow_lr", "condition_dropout",
+                            "identity_dropout"}),
     ),
 )
