@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 
 from lingshu.errors import InputError
 
@@ -315,8 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args.func(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except InputError as err:  # the user's to fix: the message says what and how, no traceback
+        _final_error(str(err))
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug or a failure of the machine: traceback first
+        traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0]
+        _final_error(f"lingshu {args.command} failed: {type(err).__name__}: {first} (the "
+                     f"traceback above says where)")
+        return 1
     log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
     return 0
+
+
+def _final_error(message: str) -> None:
+    """The job's error as the last line of its log (stderr): ``ERROR: <message>``, after any
+    progress bar, so that it is what ``tail`` of the log and the workflow's summary show."""
+    sys.stdout.flush()
+    print(f"\nERROR: {message}", file=sys.stderr, flush=True)

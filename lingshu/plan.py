@@ -12,6 +12,7 @@ one more (``lingshu@w3``), sharing the model's pre-train and fit jobs.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,43 @@ from lingshu.models.spec import VARIANTS_KEY, get_spec, model_names, parse_run, 
 
 
 def validate_config(config: dict, source: str = "config",
-                    schema_path: str | Path = SCHEMA_PATH) -> dict:
+                    schema_path: str | Path = SCHEMA_PATH, check_files: bool = False) -> dict:
     """Validate ``config`` in place (defaults filled) and return it; raise InputError if bad.
 
     source: the config file's name, used in the message.
+    check_files: also check that every local source file exists (:func:`check_source_files`);
+    the Snakefile does so before any job of a run starts (not for a dry run, which may plan
+    data not obtained yet).
     """
     errors = schema_errors(config, load_schema(schema_path, model_names=model_names()))
     if errors:
         raise InputError(error_message(errors[0], source, len(errors)))
     _check_cross_fields(config, source)
+    if check_files:
+        check_source_files(config, source)
     return config
+
+
+def check_source_files(config: dict, source: str = "config") -> None:
+    """Raise InputError for the first dataset whose local source file does not exist
+    (``source.path``, or ``prior.source.path``), naming the entry, the path as configured,
+    where it resolves to and the fix: a run stops before any job rather than in its fetch job.
+    Relative paths are taken from the working directory (Snakemake's)."""
+    for name, entry in sorted(config["datasets"].items()):
+        sources = [("source", entry.get("source") or {})]
+        if entry.get("prior"):
+            sources.append(("prior.source", entry["prior"].get("source") or {}))
+        for block, src in sources:
+            if "path" not in src:
+                continue
+            path = Path(os.path.expanduser(str(src["path"])))
+            if not path.is_file():
+                what = "is not a file" if path.exists() else "does not exist"
+                raise InputError(
+                    f"{source}: datasets.{name}.{block}.path: {str(src['path'])!r} {what} "
+                    f"(resolved to {path.absolute()}; a relative path is taken from the "
+                    f"working directory {Path.cwd()}). Fix: correct `path:` in the dataset "
+                    f"entry (or give an absolute path), or put the file there")
 
 
 def _check_cross_fields(config: dict, source: str) -> None:

@@ -125,3 +125,27 @@ def test_targets_of_perturbations_follow_the_entry():
                                     "split": {"kind": "heldout_perturbations",
                                               "n_test_perturbations": 1}})
     assert stim.targets(["A"], ["A"]) == {"A": []}
+
+
+def test_a_missing_local_source_file_fails_at_validation(tmp_path, monkeypatch):
+    """Before any job runs (the Snakefile checks it when a run starts), not in the fetch job;
+    the message names the entry, the path as configured, where it resolves and the fix."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _default()
+    cfg["datasets"]["sim_genetic"]["source"] = {"path": "data/screen.h5ad"}
+    validate_config(copy.deepcopy(cfg), "my.yaml")  # the schema alone: a dry run plans it
+    with pytest.raises(InputError) as info:
+        validate_config(copy.deepcopy(cfg), "my.yaml", check_files=True)
+    msg = str(info.value)
+    assert msg.startswith("my.yaml: datasets.sim_genetic.source.path: 'data/screen.h5ad' does "
+                          "not exist") and str(tmp_path / "data" / "screen.h5ad") in msg
+    assert "Fix:" in msg
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "screen.h5ad").write_bytes(b"")
+    validate_config(copy.deepcopy(cfg), "my.yaml", check_files=True)
+    # the prior's external data too
+    cfg["datasets"]["sim_genetic"]["prior"] = {"source": {"path": "data/other.h5ad"},
+                                               "columns": {"perturbation": "gene"}}
+    with pytest.raises(InputError, match=r"datasets\.sim_genetic\.prior\.source\.path: "
+                                         r"'data/other\.h5ad' does not exist"):
+        validate_config(copy.deepcopy(cfg), "my.yaml", check_files=True)

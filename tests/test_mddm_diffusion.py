@@ -194,3 +194,89 @@ def test_selective_sampling_gives_the_same_cells():
     full = sample(lambda x, c: net(x), 6, 40, 16, gen(4))
     part = sample(lambda x, c, select=None: net(x, select=select), 6, 40, 16, gen(4), select=True)
     assert torch.equal(full, part)
+
+
+# -- progress: per unmasking step, never drawing randomness ----------------------------------
+
+
+class CountingBar:
+    """A progress bar that records its updates (what :func:`sample` gets as ``progress``)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n=1):
+        self.n += n
+
+
+def test_sampler_reports_progress_per_unmasking_step_without_drawing_randomness():
+    bar = CountingBar()
+    with_bar = sample(FakeModel(), B, G, 5, gen(3), cond={"id": 1}, progress=bar)
+    assert bar.n == 5  # one update per unmasking step
+    # steps that unmask no gene (more steps than genes) still move the bar
+    model, many = FakeModel(), CountingBar()
+    sample(model, 2, G, 2 * G, gen(3), cond={"id": 1}, progress=many)
+    assert many.n == 2 * G and len(model.calls) < 2 * G
+    # the bar draws nothing from the generator: the same cells as without it, or with its own
+    assert torch.equal(with_bar, sample(FakeModel(), B, G, 5, gen(3), cond={"id": 1}))
+    assert torch.equal(with_bar, sample(FakeModel(), B, G, 5, gen(3), cond={"id": 1},
+                                        progress=True))
+
+
+def _spy_bars(monkeypatch):
+    """Record the bars the Lingshu-Cell model opens (total, and how far each got)."""
+    from lingshu.models.mddm import model as mddm_model
+
+    bars = []
+    real = mddm_model.sampling_bar
+
+    def spy(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(mddm_model, "sampling_bar", spy)
+    return bars
+
+
+def test_generation_progress_counts_steps_times_batches(monkeypatch):
+    """Unconditional generation: one bar over unmasking steps x batches, which reaches its
+    total (a bar over batches would sit at 0 until a whole batch is sampled)."""
+    import numpy as np
+
+    from lingshu.models.mddm.model import LingshuCell
+
+    model = LingshuCell(preset="tiny", unconditional_steps=4, sample_batch=3)
+    model.genes = [f"G{i}" for i in range(G)]
+    torch.manual_seed(0)
+    model.pretrained = LingshuNetwork(config_from_preset("tiny", G)).eval()
+    bars = _spy_bars(monkeypatch)
+    shown = model.generate(7, np.random.default_rng(0), progress=True)  # 3 batches: 3 + 3 + 1
+    assert [(b.total, b.n, b.unit) for b in bars] == [(4 * 3, 4 * 3, "step")]
+    np.testing.assert_array_equal(shown, model.generate(7, np.random.default_rng(0)))
+
+
+def test_prediction_progress_counts_steps_times_batches_of_every_condition(monkeypatch):
+    import numpy as np
+    import scipy.sparse as sp
+    from dataclasses import asdict
+
+    from lingshu.models.base import ConditionInput
+    from lingshu.models.mddm.model import LingshuCell
+
+    model = LingshuCell(preset="tiny", sample_steps=3, sample_batch=4, guidance=1.0)
+    cfg = config_from_preset("tiny", G, n_contexts=1, n_perturbations=3)
+    torch.manual_seed(0)
+    weights = {f"w::{k}": v.numpy() for k, v in LingshuNetwork(cfg).state_dict().items()}
+    model.set_state(weights, {"network": asdict(cfg), "genes": [f"G{i}" for i in range(G)],
+                              "contexts": ["A"], "perturbations": ["P1", "P2"],
+                              "targets": {"P1": [1], "P2": [2]}, "max_targets": 1,
+                              "perturbation_type": "genetic"})
+    ctrl = sp.csr_matrix(np.ones((3, G), dtype=np.float32))
+    conditions = [ConditionInput("A", "P1", ctrl, 9), ConditionInput("A", "P2", ctrl, 2)]
+    bars = _spy_bars(monkeypatch)
+    shown = list(model.predict_many(conditions, np.random.default_rng(0), progress=True))
+    assert [(b.total, b.n) for b in bars] == [(3 * (3 + 1), 3 * (3 + 1))]  # 9 cells: 3 batches
+    assert model._sample_bar is None  # the bar is closed and released once prediction ends
+    quiet = list(model.predict_many(conditions, np.random.default_rng(0)))
+    for a, b in zip(shown, quiet):
+        np.testing.assert_array_equal(a, b)

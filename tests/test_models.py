@@ -231,3 +231,32 @@ def test_a_condition_the_model_cannot_encode_is_listed_not_dropped_nor_fatal(tin
     pairs = set(zip(pred.obs["context"], pred.obs["perturbation"]))
     assert (skipped["context"], skipped["perturbation"]) not in pairs
     assert pred.n_obs == int(split.test_conditions()["n_cells"].sum()) - int(skipped["n_cells"])
+
+
+def test_a_bad_model_file_is_a_clear_error_naming_the_file(tiny_processed, tmp_path):
+    """model.npz is read as data only; a truncated, garbage or pickle-carrying one stops with
+    the file's name and the fix, never a crash deep in numpy and never code run."""
+    from lingshu.errors import CorruptFileError
+
+    split = make_split(tiny_processed.obs, SPEC, seed=0)
+    model, _ = _fit("control_mean", tiny_processed, split)
+    good = tmp_path / "model.npz"
+    model.save(good)
+    assert load_model(good).name == "control_mean"
+    data = good.read_bytes()
+    bad = {"truncated.npz": data[: len(data) // 2], "garbage.npz": bytes(range(256)) * 8,
+           "empty.npz": b""}
+    for name, blob in bad.items():
+        (tmp_path / name).write_bytes(blob)
+    with open(tmp_path / "objects.npz", "wb") as fh:  # an object array: needs pickle to load
+        np.savez(fh, __meta__=np.array('{"model": "control_mean"}'),
+                 w=np.array([{"a": 1}], dtype=object))
+    with open(tmp_path / "no_meta.npz", "wb") as fh:
+        np.savez(fh, w=np.zeros(3))
+    for name in [*bad, "objects.npz", "no_meta.npz"]:
+        path = tmp_path / name
+        with pytest.raises(CorruptFileError) as info:
+            load_model(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: cannot be read as a model file"), msg
+        assert "delete it and re-run the rule" in msg

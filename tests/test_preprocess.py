@@ -526,3 +526,147 @@ def test_papalexi_real_streaming_matches(tmp_path):
         qc={"min_counts_per_cell": 100, "min_genes_per_cell": 20, "min_cells_per_gene": 50}))
     preprocess_file(path, entry, str(tmp_path / "p.h5ad"))
     _assert_same(preprocess(read_raw(path, entry), entry, path), ad.read_h5ad(tmp_path / "p.h5ad"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user sees: the dataset entry and the configured file, hints, empty cells
+# ---------------------------------------------------------------------------------------------
+
+
+def _linked_source(tmp_path: Path, adata: ad.AnnData) -> tuple[Path, Path]:
+    """The user's file, and the pipeline's link to it (results/<dataset>/raw/source.h5ad)."""
+    user = tmp_path / "data" / "screen.h5ad"
+    user.parent.mkdir()
+    adata.write_h5ad(user)
+    link = tmp_path / "results" / "syn" / "raw" / "source.h5ad"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(user)
+    return user, link
+
+
+def test_data_errors_name_the_dataset_entry_and_the_configured_file(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The job reads the pipeline's link; its error names the entry and the user's path (as
+    configured), never the link, and is the last line the command prints."""
+    from lingshu.cli import main
+
+    user, link = _linked_source(tmp_path, make_adata())
+    raw = make_raw(columns={"control": "non-targeting"}, source={"path": str(user)})
+    entry = DatasetEntry.parse("syn", raw)
+    out = str(tmp_path / "p.h5ad")
+    for run in (lambda: preprocess_file(str(link), entry, out),
+                lambda: preprocess(read_raw(str(link), make_entry(source={"path": str(user)})),
+                                   entry, str(link)),
+                lambda: read_raw(str(link), make_entry(source={"path": str(user)},
+                                                       columns={"context": "cell_typ"}))):
+        msg = assert_input_error(run, "columns.", "config: datasets.syn",
+                                 f"source.path {str(user)!r}", path=str(user))
+        assert "source.h5ad" not in msg and "results" not in msg, msg
+    # a relative path is named as the user wrote it
+    monkeypatch.chdir(tmp_path.parent)
+    configured = str(user.relative_to(tmp_path.parent))
+    rel = DatasetEntry.parse("syn", {**raw, "source": {"path": configured}})
+    msg = assert_input_error(lambda: preprocess_file(str(link), rel, out), "columns.control",
+                             f"source.path {configured!r}", path=configured)
+    assert "source.h5ad" not in msg
+    # a download is named by its URL (and where it was saved: the only local copy)
+    url = DatasetEntry.parse("syn", {**raw, "source": {"url": "https://example.org/s.h5ad",
+                                                       "sha256": "a" * 64}})
+    assert_input_error(lambda: preprocess_file(str(user), url, out), "columns.control",
+                       "source.url 'https://example.org/s.h5ad'", f"downloaded to {user}",
+                       path="config: datasets.syn")
+    # the command line: exit status 2, the message as the last line of stderr, no output
+    rc = main(["preprocess", "--raw", str(link), "--entry", entry.to_json(), "--out", out])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(f"ERROR: config: datasets.syn (source.path {str(user)!r})")
+    assert "Fix:" in last and "source.h5ad" not in last
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("configured, labels, meant", [
+    ("nt", ["NT", "P1"], "NT"),  # differs only in case
+    ("Control", ["control", "P1"], "control"),
+    ("non-targetting", ["non-targeting", "P1"], "non-targeting"),  # a near miss
+    ("NonTargeting", ["non_targeting", "P1"], "non_targeting"),
+])
+def test_a_near_miss_control_label_gets_a_did_you_mean_hint(configured, labels, meant):
+    adata = make_adata()
+    adata.obs["guide_target"] = pd.Categorical(
+        np.array(labels * (adata.n_obs // len(labels)))[:adata.n_obs])
+    entry = make_entry(columns={"control": configured})
+    msg = assert_input_error(lambda: preprocess(adata, entry, PATH), "columns.control",
+                             f"did you mean {meant!r}", f"`columns.control: {meant}`")
+    assert msg.index("did you mean") < msg.index("Fix:")
+
+
+def test_no_hint_when_no_label_is_close():
+    entry = make_entry(columns={"control": "scrambled"})
+    msg = assert_input_error(lambda: preprocess(make_adata(), entry, PATH), "columns.control",
+                             "no cell")
+    assert "did you mean" not in msg
+
+
+def _with_empty_cells(adata: ad.AnnData, rows: list[int], keep_genes: list[int] = ()) -> ad.AnnData:
+    """``adata`` with the counts of ``rows`` set to 0 (except in ``keep_genes``)."""
+    dense = adata.X.toarray()
+    for r in rows:
+        kept = dense[r, list(keep_genes)].copy()
+        dense[r] = 0
+        dense[r, list(keep_genes)] = np.maximum(kept, 1)
+    adata.X = sp.csr_matrix(dense)
+    return adata
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_cells_without_counts_are_dropped_and_counted(tmp_path, caplog, streaming):
+    """Whatever the qc thresholds (all 0 here, the defaults): a cell with no counts has no
+    log1p(CP10k) profile, so preprocessing drops it, logs how many and records the number."""
+    adata = _with_empty_cells(make_adata(n_cells=400), [0, 9, 17])
+    entry = make_entry(qc={"min_counts_per_cell": 0, "min_genes_per_cell": 0})
+    with caplog.at_level("WARNING", logger="lingshu.data.preprocess"):
+        if streaming:
+            adata.write_h5ad(tmp_path / "raw.h5ad")
+            preprocess_file(str(tmp_path / "raw.h5ad"), entry, str(tmp_path / "out.h5ad"))
+            out = ad.read_h5ad(tmp_path / "out.h5ad")
+        else:
+            out = preprocess(adata, entry, PATH)
+    assert out.n_obs == 397 and not {"cell0", "cell9", "cell17"} & set(out.obs_names)
+    assert (np.asarray(out.X.sum(axis=1)).ravel() > 0).all()
+    assert out.uns["lingshu"]["n_cells_no_counts"] == 3
+    assert out.uns["lingshu"]["n_cells_raw"] == 400 and out.uns["lingshu"]["n_cells"] == 397
+    assert "dropping 3 cells with no counts" in caplog.text
+    # and the number reaches the truth, which the report reads
+    from lingshu.data.split import make_split
+    from lingshu.data.truth import build_truth
+
+    split = make_split(out.obs, {"kind": "heldout_perturbations", "test_perturbations": ["P1"]},
+                       seed=0)
+    assert build_truth(out, split).uns["lingshu"]["n_cells_no_counts"] == 3
+
+
+def test_no_empty_cells_changes_nothing():
+    adata = make_adata()
+    out = preprocess(adata, make_entry(), PATH)
+    assert out.n_obs == adata.n_obs and out.uns["lingshu"]["n_cells_no_counts"] == 0
+
+
+@pytest.mark.parametrize("case", ["gene_list", "gene_filter"])
+def test_cells_without_counts_in_the_kept_genes_are_dropped(tmp_path, case):
+    """A cell whose only counts are in genes the gene list leaves out, or the gene filter
+    removes, has no counts in the processed data: dropped and counted too."""
+    adata = make_adata(n_cells=400)
+    dense = adata.X.toarray()
+    dense[np.arange(400) % 40 != 0, 47] = 0  # gene 47 detected in 10 cells only
+    adata.X = sp.csr_matrix(dense)
+    adata = _with_empty_cells(adata, [3, 5], keep_genes=[47])
+    (tmp_path / "genes.txt").write_text("\n".join(f"G{i}" for i in range(40)))
+    entry = (make_entry(genes=str(tmp_path / "genes.txt")) if case == "gene_list"
+             else make_entry(qc={"min_cells_per_gene": 20}))
+    adata.write_h5ad(tmp_path / "raw.h5ad")
+    expected = preprocess(adata, entry, PATH)
+    preprocess_file(str(tmp_path / "raw.h5ad"), entry, str(tmp_path / "out.h5ad"))
+    for out in (expected, ad.read_h5ad(tmp_path / "out.h5ad")):
+        assert "G47" not in set(out.var_names)
+        assert not {"cell3", "cell5"} & set(out.obs_names) and out.n_obs == 398
+        assert (np.asarray(out.X.sum(axis=1)).ravel() > 0).all()
+        assert out.uns["lingshu"]["n_cells_no_counts"] == 2

@@ -196,6 +196,8 @@ def test_missing_columns_are_named(external):
 def test_control_label_absent(external):
     with pytest.raises(InputError, match="control label 'control'.*Fix: pass `control_label=`"):
         prior_genes(external, "guide", "control", path=PATH)
+    with pytest.raises(InputError, match="control label 'nt'; did you mean 'NT'"):
+        prior_genes(external, "guide", "nt", path=PATH)
 
 
 def test_context_without_controls(external):

@@ -130,3 +130,55 @@ def test_unknown_label_is_an_error_not_the_control_encoding(fitted):
     with pytest.raises(StateError, match="no encoding for perturbation 'G99'"):
         list(model.predict_many([ConditionInput("A", "G99", ctrl, 3)],
                                 np.random.default_rng(0)))
+
+
+def test_packed_files_are_read_as_data_only(tmp_path):
+    """`state tx infer` unpickles some of STATE's run files (pickle.load, weights_only=False):
+    loading a model.npz checks each packed file as data only first, and refuses code."""
+    import io
+    import json
+    import pickle
+
+    import torch
+
+    from lingshu.errors import CorruptFileError
+    from lingshu.models.state.model import CKPT, _check_packed_files
+
+    def saved(obj) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    good = {"config.yaml": b"data: {}\n",
+            "var_dims.pkl": pickle.dumps({"input_dim": 24, "gene_names": ["G0"],
+                                          "n": np.int64(3)}),
+            "pert_onehot_map.pt": saved({"control": torch.zeros(2)}),
+            "batch_onehot_map.torch": saved({np.str_("A"): torch.ones(2)}),
+            "cell_type_onehot_map.torch": saved({np.str_("A"): torch.ones(2)}),
+            CKPT: saved({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"lr": 1e-3}})}
+    _check_packed_files(good)
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    for name, blob in [("var_dims.pkl", pickle.dumps({"x": Exploit()})),
+                       ("pert_onehot_map.pt", saved({"control": Exploit()})),
+                       (CKPT, saved({"state_dict": {}, "callbacks": Exploit()})),
+                       ("var_dims.pkl", pickle.dumps({"x": 1})[:-5]),
+                       ("other.pkl", pickle.dumps({}))]:
+        with pytest.raises(CorruptFileError, match=name.replace(".", r"\.")):
+            _check_packed_files({**good, name: blob})
+    assert not (tmp_path / "pwned").exists()
+
+    # through load_model: the model file is named, with the fix
+    arrays = {f"file::{k}": np.frombuffer(v, dtype=np.uint8) for k, v in good.items()}
+    arrays["file::var_dims.pkl"] = np.frombuffer(pickle.dumps({"x": Exploit()}), dtype=np.uint8)
+    meta = {"model": "state", "params": TINY, "genes": ["G0"], "labels": ["control"],
+            "contexts": ["A"], "encoding": "onehot"}
+    path = tmp_path / "model.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(CorruptFileError, match=rf"^{path}: .*var_dims\.pkl.*delete it"):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()

@@ -353,3 +353,68 @@ def test_state_of_other_inputs_is_not_resumed(tmp_path):
                   progress=False, fingerprint="inputs-B")
     assert other.start_step == 0 and other.losses == first.losses
     assert load_checkpoint(tmp_path / "s.pt")["fingerprint"] == "inputs-B"
+
+
+# -- untrusted files: truncated, garbage or code-carrying checkpoints ------------------------
+
+
+class _Exploit:
+    """Unpickling this runs code (writes a file): what weights_only must refuse."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
+    data = good.read_bytes()
+    files = {"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}
+    out = {}
+    for name, blob in files.items():
+        out[name] = tmp_path / f"{name}.pt"
+        out[name].write_bytes(blob)
+    out["pickled code"] = tmp_path / "exploit.pt"
+    torch.save({"format": "lingshu-mddm-train/1", "model": _Exploit(tmp_path / "pwned")},
+               out["pickled code"])
+    out["not a dict"] = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], out["not a dict"])
+    return out
+
+
+def test_a_bad_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    from lingshu.errors import CorruptFileError
+
+    good = tmp_path / "good.pt"
+    train(fresh_model(0), denoise_loss, sample_batch, cfg(steps=5), good, progress=False)
+    for name, path in _bad_checkpoints(tmp_path, good).items():
+        with pytest.raises(CorruptFileError) as info:
+            load_checkpoint(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: cannot be read as a checkpoint"), (name, msg)
+        assert "delete it and re-run the rule" in msg, name
+    assert not (tmp_path / "pwned").exists()  # the pickled code never ran
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_corrupt_resumable_state_is_reported_and_training_restarts(tmp_path, caplog):
+    """A resumable state that cannot be read (or is not a training checkpoint) is a shortcut
+    lost, not an error: the loop says so and trains from scratch, as an uninterrupted run."""
+    fresh = train(fresh_model(0), denoise_loss, sample_batch, cfg(), tmp_path / "fresh.pt",
+                  progress=False)
+    for name, path in _bad_checkpoints(tmp_path, tmp_path / "fresh.pt").items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lingshu.models.training.loop"):
+            again = train(fresh_model(0), denoise_loss, sample_batch, cfg(), path,
+                          progress=False)
+        assert again.start_step == 0 and again.losses == fresh.losses, name
+        assert str(path) in caplog.text and "Training afresh" in caplog.text, name
+        assert load_checkpoint(path)["step"] == 20, name  # overwritten by a good one
+    assert not (tmp_path / "pwned").exists()
+    # a checkpoint without the state a resume needs restarts too
+    torch.save({"format": "lingshu-mddm-train/1", "step": 10}, tmp_path / "partial.pt")
+    again = train(fresh_model(0), denoise_loss, sample_batch, cfg(), tmp_path / "partial.pt",
+                  progress=False)
+    assert again.start_step == 0 and again.losses == fresh.losses

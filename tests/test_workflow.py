@@ -119,3 +119,94 @@ def test_prior_injection_adds_the_prior_rules(tmp_path):
     assert "--model-file " + str(tmp_path / "results/sim_genetic/models/lingshu") in with_prior[0]
     assert any("lingshu prior --external" in x for x in lines)
     assert any("lingshu fetch" in x and "other_lines.h5ad" in x for x in lines)
+
+
+# -- what a user sees when a run fails ----------------------------------------------------------
+
+
+def _run_in(tmp_path, cfg, *targets):
+    """A real run (not a dry run) of the workflow with ``cfg``, in its own working directory
+    (its own lock and metadata), results under ``tmp_path/results``."""
+    cfg["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return _snakemake("-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile",
+                      str(path), "--cores", "1", *targets)
+
+
+def test_a_missing_source_file_stops_a_run_before_any_job(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["datasets"]["sim_genetic"]["source"] = {"path": "data/screen.h5ad"}
+    run = _run_in(tmp_path, cfg)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "datasets.sim_genetic.source.path: 'data/screen.h5ad' does not exist" in out, out
+    assert not (tmp_path / "results").exists()  # no job ran (the simulated dataset's neither)
+    assert "Execute" not in out
+
+
+def test_a_failed_job_s_own_error_is_the_last_thing_printed(tmp_path):
+    """A near-miss control label: the preprocess job fails; after Snakemake's own report the
+    run prints the job, its log and the log's ERROR line (with the "did you mean" hint)."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["datasets"]["sim_genetic"]["columns"]["control"] = "Control"
+    run = _run_in(tmp_path, cfg, str(tmp_path / "results/sim_genetic/processed.h5ad"))
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    at = max(i for i, line in enumerate(lines) if "At least one job did not complete" in line)
+    tail = "\n".join(lines[at + 1:])
+    assert "* preprocess (dataset=sim_genetic)" in tail, run.stderr[-3000:]
+    assert "results/sim_genetic/logs/preprocess.log" in tail
+    error = next(line.strip() for line in lines[at + 1:] if line.strip().startswith("ERROR:"))
+    assert error.startswith("ERROR: config: datasets.sim_genetic (source.simulate")
+    assert "did you mean 'control'" in error and "Fix: set `columns.control: control`" in error
+    assert "--unlock" in tail
+    log = (tmp_path / "results/sim_genetic/logs/preprocess.log").read_text().strip()
+    assert log.splitlines()[-1] == error  # the job's log ends with it
+
+
+def test_failure_report_reads_each_failed_job_s_log(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from lingshu.failures import log_tail, parse_snakemake_log, report_failures
+
+    log = tmp_path / "fit.log"
+    log.write_text("step 1\ntrain:  10%|#| 1/10 [00:01<00:09]\rtrain:  20%|##| 2/10 [00:02<00:08]\n"
+                   "Traceback (most recent call last):\n  ...\n"
+                   "\nERROR: lingshu fit failed: RuntimeError: boom (the traceback above says "
+                   "where)\n")
+    assert log_tail(log) == ["ERROR: lingshu fit failed: RuntimeError: boom (the traceback "
+                             "above says where)"]
+    killed = tmp_path / "killed.log"
+    killed.write_text("train:  10%|#| 1/10\rtrain:  20%|##| 2/10\n")
+    assert log_tail(killed) == ["train:  20%|##| 2/10"]  # the bar's last state
+    job = SimpleNamespace(rule=SimpleNamespace(name="fit_model"),
+                          wildcards_dict={"dataset": "kang", "model": "lingshu"}, log=[str(log)])
+    gone = SimpleNamespace(rule=SimpleNamespace(name="fit_model"),
+                           wildcards_dict={"dataset": "kang", "model": "scldm"},
+                           log=[str(killed)])
+    stream = io.StringIO()
+    workflow = SimpleNamespace(scheduler=SimpleNamespace(failed=[gone, job]))
+    report_failures(workflow, stream=stream, at_exit=False)
+    text = stream.getvalue()
+    assert "2 job(s) failed" in text
+    assert text.index("* fit_model (dataset=kang, model=lingshu)") < text.index("RuntimeError")
+    assert "may have been killed" in text and "train:  20%" in text
+    # without the scheduler: the "Error in rule" blocks of Snakemake's own log
+    smk = tmp_path / "run.snakemake.log"
+    smk.write_text("Error in rule fit_model:\n    message: None\n    jobid: 3\n"
+                   f"    log: {log} (check log file(s) for error details)\n"
+                   "    wildcards: dataset=kang, model=lingshu\n    shell:\n        python ...\n"
+                   "Error in rule fit_model:\n    message: None\n"
+                   f"    log: {log} (check log file(s) for error details)\n"
+                   "    wildcards: dataset=kang, model=lingshu\n")
+    jobs = parse_snakemake_log(smk.read_text())
+    assert [(j.rule, j.wildcards, j.logs) for j in jobs] == [
+        ("fit_model", {"dataset": "kang", "model": "lingshu"}, [str(log)])]
+    stream = io.StringIO()
+    report_failures(SimpleNamespace(), [str(smk)], stream=stream, at_exit=False)
+    assert "RuntimeError: boom" in stream.getvalue()
+    stream = io.StringIO()
+    report_failures(SimpleNamespace(), [], stream=stream, at_exit=False)
+    assert stream.getvalue() == ""  # nothing failed: nothing printed

@@ -17,11 +17,17 @@ counts are only ever read in row blocks: one pass checks the values, one gathers
 statistics (and one per-gene statistics when genes are filtered), which decide the kept cells
 and genes; the last pass writes the kept counts block by block (CSR int32). Memory is bounded
 by the cell metadata and one block, whatever the number of cells.
+
+Cells without any count (in the raw data, or in the genes kept) are always dropped, whatever
+the ``qc`` thresholds: they have no log1p(CP10k) profile. Their number is logged and kept in
+``uns['lingshu']['n_cells_no_counts']``. Error messages name the dataset entry and the file
+the user configured (:func:`data_label`), not the pipeline's link to it.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +44,7 @@ from tqdm import tqdm
 
 from lingshu.config import QC, DatasetEntry
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
-from lingshu.errors import input_error
+from lingshu.errors import configured_source, input_error
 from lingshu.io import atomic_path, write_h5ad, write_h5ad_streaming
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,13 @@ def _shown(items: list[Any]) -> str:
     """``'a', 'b', ... (+N more)`` for error messages."""
     head = ", ".join(repr(str(x)) for x in items[:N_SHOWN])
     return head + (f" (+{len(items) - N_SHOWN} more)" if len(items) > N_SHOWN else "")
+
+
+def data_label(entry: DatasetEntry, path: object) -> str:
+    """How messages name the data read from ``path``: the dataset entry and the file the user
+    configured (not the pipeline's link to it), e.g.
+    ``config: datasets.kang (source.path '../data/kang.h5ad')``."""
+    return configured_source(entry.name, entry.source, path)
 
 
 def _counts_field(entry: DatasetEntry) -> str:
@@ -109,11 +122,15 @@ def _check_control(obs: pd.DataFrame, entry: DatasetEntry, path: str) -> None:
     counts = obs[col].astype(str).value_counts()
     if control not in counts.index:
         top = [f"{label} ({n} cells)" for label, n in counts.head(N_SHOWN).items()]
+        guess = _did_you_mean(control, list(counts.index))
+        hint = f"did you mean {guess!r} ({counts[guess]} cells)? " if guess is not None else ""
         raise input_error(
             path, "columns.control",
-            f"no cell of obs column {col!r} has the control label {control!r}; most frequent labels: "
+            f"no cell of obs column {col!r} has the control label {control!r}; {hint}most frequent labels: "
             + ", ".join(top) + (f" (+{len(counts) - N_SHOWN} more)" if len(counts) > N_SHOWN else ""),
-            f"set `columns.control` to the label of the control (unperturbed / non-targeting) cells in {col!r}",
+            (f"set `columns.control: {guess}` if those are the control cells; otherwise set "
+             if guess is not None else "set ")
+            + f"`columns.control` to the label of the control (unperturbed / non-targeting) cells in {col!r}",
         )
     if control != CONTROL and CONTROL in counts.index:
         raise input_error(
@@ -123,6 +140,19 @@ def _check_control(obs: pd.DataFrame, entry: DatasetEntry, path: str) -> None:
             f"if {CONTROL!r} cells are the controls set `columns.control: {CONTROL}`; otherwise rename that "
             "perturbation in the file",
         )
+
+
+def _did_you_mean(label: str, labels: list[str]) -> str | None:
+    """The label of ``labels`` that ``label`` most likely meant: one that differs only in case,
+    else the closest near miss (difflib, case-insensitive); None when none is close."""
+    same = [x for x in labels if x.casefold() == label.casefold()]
+    if same:
+        return same[0]  # labels come most frequent first
+    folded: dict[str, str] = {}
+    for x in labels:
+        folded.setdefault(x.casefold(), x)
+    close = difflib.get_close_matches(label.casefold(), list(folded), n=1, cutoff=0.7)
+    return folded[close[0]] if close else None
 
 
 def _check_genes(var_names: pd.Index, path: str) -> None:
@@ -304,8 +334,9 @@ def validate_raw(adata: ad.AnnData, entry: DatasetEntry, path: str) -> None:
     ``drop_small_conditions``), and the counts (``X`` or ``layer``) are finite non-negative
     integers. ``adata`` may be backed; nothing is modified.
     """
-    _validate_metadata(adata.obs, adata.var_names, entry, path)
-    _check_counts(_counts_matrix(adata, entry, path), entry, path, layers=list(adata.layers.keys()))
+    where = data_label(entry, path)
+    _validate_metadata(adata.obs, adata.var_names, entry, where)
+    _check_counts(_counts_matrix(adata, entry, where), entry, where, layers=list(adata.layers.keys()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,15 +344,17 @@ def validate_raw(adata: ad.AnnData, entry: DatasetEntry, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_h5(path: str) -> h5py.File:
-    """Open ``path`` as HDF5, or raise InputError saying why it cannot be read."""
+def _open_h5(path: str, where: object = None) -> h5py.File:
+    """Open ``path`` as HDF5, or raise InputError saying why it cannot be read (naming it as
+    ``where``, by default its path)."""
+    where = path if where is None else where
     if not Path(path).is_file():
-        raise input_error(path, "source", "the raw data file does not exist",
+        raise input_error(where, "source", "the raw data file does not exist",
                           "check the dataset's `source` in the config")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise input_error(path, "source", f"cannot be read as an h5ad (HDF5) file: {exc}",
+        raise input_error(where, "source", f"cannot be read as an h5ad (HDF5) file: {exc}",
                           "provide an .h5ad file written by anndata (`adata.write_h5ad(...)`)") from exc
 
 
@@ -333,17 +366,18 @@ def read_raw(path: str, entry: DatasetEntry) -> ad.AnnData:
     the old (pre-0.7) anndata layout are opened backed instead, validated, then loaded.
     Count values are checked later by :func:`validate_raw` / :func:`preprocess`.
     """
-    with _open_h5(path) as f:
+    where = data_label(entry, path)
+    with _open_h5(path, where) as f:
         if "obs" not in f or "var" not in f or f["obs"].attrs.get("encoding-type") is None:
             return _read_raw_backed(path, entry)
         obs = ad.io.read_elem(f["obs"])
         var = ad.io.read_elem(f["var"])
-        _validate_metadata(obs, var.index, entry, path)
+        _validate_metadata(obs, var.index, entry, where)
         layer = entry.layer
         key = f"layers/{layer}" if layer else "X"
         if key not in f:
             available = list(f["layers"].keys()) if "layers" in f else []
-            raise input_error(path, "layer" if layer else "X", f"{key} is not in the file; available layers: "
+            raise input_error(where, "layer" if layer else "X", f"{key} is not in the file; available layers: "
                               f"{_shown(available) or '(none)'}", "set `layer` to the layer holding raw counts")
         counts = ad.io.read_elem(f[key])
         uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
@@ -356,9 +390,10 @@ def read_raw(path: str, entry: DatasetEntry) -> ad.AnnData:
 def _read_raw_backed(path: str, entry: DatasetEntry) -> ad.AnnData:
     """Fallback for layouts read_elem cannot read piecewise: open backed, validate, load."""
     adata = ad.read_h5ad(path, backed="r")
+    where = data_label(entry, path)
     try:
-        _validate_metadata(adata.obs, adata.var_names, entry, path)
-        _counts_matrix(adata, entry, path)  # fails early on a missing layer
+        _validate_metadata(adata.obs, adata.var_names, entry, where)
+        _counts_matrix(adata, entry, where)  # fails early on a missing layer
         return adata.to_memory()
     finally:
         adata.file.close()
@@ -494,6 +529,8 @@ class _Plan:
     select: (n_raw_genes, n_out_genes) 0/1 CSR mapping raw genes to output genes (gene filter
         or gene-list alignment; absent listed genes are all-zero columns).
     n_zero_filled: listed genes absent from the data.
+    n_no_counts: cells dropped because they have no counts (in the raw data, or in the output
+        genes): a cell without counts has no log1p(CP10k) profile. Dropped whatever ``qc``.
     """
 
     keep: np.ndarray
@@ -501,24 +538,42 @@ class _Plan:
     var: pd.DataFrame
     select: sp.csr_matrix
     n_zero_filled: int
+    n_no_counts: int = 0
 
 
-def _cell_stats(X: Any, mito: np.ndarray | None, progress: bool) -> dict[str, np.ndarray]:
-    """Per-cell total counts, detected genes and (when ``mito`` is given) mitochondrial counts."""
+def _cell_stats(X: Any, mito: np.ndarray | None, progress: bool,
+                out_genes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-cell total counts, detected genes, (when ``mito`` is given) mitochondrial counts
+    and (when ``out_genes``, a (n_genes,) 0/1 vector of the genes kept, is given) the counts
+    in the genes kept."""
     total = np.zeros(X.shape[0], dtype=np.int64)
     n_genes = np.zeros(X.shape[0], dtype=np.int64)
     mt = np.zeros(X.shape[0], dtype=np.int64) if mito is not None else None
+    out = np.zeros(X.shape[0], dtype=np.int64) if out_genes is not None else None
     for start, block in _count_blocks(X, "cell statistics", progress):
         rows = slice(start, start + block.shape[0])
         total[rows] = np.asarray(block.sum(axis=1, dtype=np.int64)).ravel()
         n_genes[rows] = np.diff(block.indptr)  # explicit zeros were removed: stored = nonzero
         if mt is not None:
             mt[rows] = np.asarray(block[:, mito].sum(axis=1, dtype=np.int64)).ravel()
-    return {"total": total, "n_genes": n_genes, "mito": mt}
+        if out is not None:
+            out[rows] = block.astype(np.int64) @ out_genes
+    return {"total": total, "n_genes": n_genes, "mito": mt, "out_total": out}
+
+
+def _no_counts(counts: np.ndarray, where: str, path: str) -> np.ndarray:
+    """Cells without counts (``counts == 0``), logged with their number."""
+    empty = counts == 0
+    if empty.any():
+        logger.warning("%s: dropping %d cells with no counts %s: a cell without counts has no "
+                       "log1p(CP10k) profile (dropped whatever the `qc` thresholds)",
+                       path, int(empty.sum()), where)
+    return empty
 
 
 def _cell_qc(obs: pd.DataFrame, stats: dict, qc: QC, var_names: pd.Index, path: str) -> np.ndarray:
-    """Cells above the count / gene thresholds and below the mitochondrial percentage.
+    """Cells with counts (in the raw data and, with a gene list, in the listed genes), above
+    the count / gene thresholds and below the mitochondrial percentage.
 
     Adds ``total_counts``, ``n_genes_by_counts`` (and ``pct_counts_mt`` when ``max_pct_mito``
     is set) to ``obs``, with scanpy's names, computed on the raw genes.
@@ -526,8 +581,13 @@ def _cell_qc(obs: pd.DataFrame, stats: dict, qc: QC, var_names: pd.Index, path: 
     total, n_genes = stats["total"], stats["n_genes"]
     obs["total_counts"] = total
     obs["n_genes_by_counts"] = n_genes
-    keep = (total >= qc.min_counts_per_cell) & (n_genes >= qc.min_genes_per_cell)
-    reasons = {"min_counts_per_cell": int((total < qc.min_counts_per_cell).sum()),
+    empty = _no_counts(total, "in the raw data", path)
+    if stats.get("out_total") is not None:
+        empty |= _no_counts(np.where(empty, 1, stats["out_total"]), "in the listed genes (`genes`)",
+                            path)
+    keep = (total >= qc.min_counts_per_cell) & (n_genes >= qc.min_genes_per_cell) & ~empty
+    reasons = {"no_counts": int(empty.sum()),
+               "min_counts_per_cell": int((total < qc.min_counts_per_cell).sum()),
                "min_genes_per_cell": int((n_genes < qc.min_genes_per_cell).sum())}
     if qc.max_pct_mito is not None:
         pct = 100.0 * stats["mito"] / np.maximum(total, 1)
@@ -579,11 +639,13 @@ def _selection(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp
 
 
 def _gene_qc(X: Any, keep: np.ndarray, var: pd.DataFrame, min_cells: int, path: str,
-             progress: bool) -> tuple[pd.DataFrame, sp.csr_matrix]:
-    """Genes detected in at least ``min_cells`` kept cells (one more pass when the filter is on)."""
+             progress: bool) -> tuple[pd.DataFrame, sp.csr_matrix, np.ndarray]:
+    """Genes detected in at least ``min_cells`` kept cells (one more pass when the filter is
+    on); also the genes it removes that some kept cell has counts in."""
     n_genes = var.shape[0]
     if min_cells <= 0:
-        return var.copy(), _selection(np.arange(n_genes), np.arange(n_genes), (n_genes, n_genes))
+        return (var.copy(), _selection(np.arange(n_genes), np.arange(n_genes), (n_genes, n_genes)),
+                np.zeros(0, dtype=np.int64))
     n_cells = np.zeros(n_genes, dtype=np.int64)
     for start, block in _count_blocks(X, "gene statistics", progress):
         block = block[np.flatnonzero(keep[start:start + block.shape[0]])]
@@ -591,7 +653,19 @@ def _gene_qc(X: Any, keep: np.ndarray, var: pd.DataFrame, min_cells: int, path: 
     kept = np.flatnonzero(n_cells >= min_cells)
     logger.info("%s: gene QC keeps %d of %d genes", path, kept.size, n_genes)
     _check_not_empty(int(keep.sum()), kept.size, path, "after QC (genes)")
-    return var.iloc[kept].copy(), _selection(kept, np.arange(kept.size), (n_genes, kept.size))
+    removed_detected = np.flatnonzero((n_cells > 0) & (n_cells < min_cells))
+    return (var.iloc[kept].copy(), _selection(kept, np.arange(kept.size), (n_genes, kept.size)),
+            removed_detected)
+
+
+def _empty_after_gene_qc(X: Any, keep: np.ndarray, select: sp.csr_matrix, progress: bool) -> np.ndarray:
+    """Kept cells with no counts in the genes gene QC keeps (one more pass over the counts)."""
+    out_genes = np.asarray(select.sum(axis=1)).ravel().astype(np.int64)  # (n_raw_genes,) 0/1
+    empty = np.zeros(X.shape[0], dtype=bool)
+    for start, block in _count_blocks(X, "cells without counts", progress):
+        rows = slice(start, start + block.shape[0])
+        empty[rows] = (block.astype(np.int64) @ out_genes) == 0
+    return empty & keep
 
 
 def _align_genes(var: pd.DataFrame, genes: list[str], genes_path: str,
@@ -630,23 +704,42 @@ def _plan(X: Any, obs: pd.DataFrame, var: pd.DataFrame, entry: DatasetEntry, pat
         logger.info("%s: obs names are not unique; adding suffixes (-1, -2, ...)", path)
         canon.index = ad.utils.make_index_unique(canon.index)
 
-    stats = _cell_stats(X, _mito_genes(var.index, qc, path), progress)
-    keep = _cell_qc(canon, stats, qc, var.index, path)
-    keep = _enforce_condition_sizes(canon, keep, entry, var.shape[0], path)
-
     # With a gene list, the list defines the gene space (shared across datasets), so
-    # min_cells_per_gene is not applied: it would remove listed genes.
+    # min_cells_per_gene is not applied: it would remove listed genes. The list is known
+    # before any cell is chosen, so cells without counts in the listed genes are dropped
+    # with the cell QC.
     genes_path = entry.genes
+    out_genes = None
     if genes_path:
         if qc.min_cells_per_gene > 0:
             logger.warning("%s: qc.min_cells_per_gene is ignored because a gene list (`genes`) is given", path)
-        out_var, select = _align_genes(var, read_gene_list(genes_path), genes_path, path)
+        out_var, select = _align_genes(var, read_gene_list(genes_path, f"config: datasets.{entry.name}"),
+                                       genes_path, path)
+        out_genes = np.asarray(select.sum(axis=1)).ravel().astype(np.int64)
+    stats = _cell_stats(X, _mito_genes(var.index, qc, path), progress, out_genes)
+    keep = _cell_qc(canon, stats, qc, var.index, path)
+    n_no_counts = int((stats["total"] == 0).sum()) + (
+        0 if out_genes is None else int(((stats["total"] > 0) & (stats["out_total"] == 0)).sum()))
+    keep = _enforce_condition_sizes(canon, keep, entry, var.shape[0], path)
+
+    if genes_path:
         n_zero_filled = int((~out_var["in_raw_data"]).sum())
     else:
-        out_var, select = _gene_qc(X, keep, var, int(qc.min_cells_per_gene), path, progress)
+        out_var, select, removed = _gene_qc(X, keep, var, int(qc.min_cells_per_gene), path, progress)
         n_zero_filled = 0
+        if removed.size:  # a cell whose counts are all in removed genes would have none left
+            empty = _empty_after_gene_qc(X, keep, select, progress)
+            if empty.any():
+                logger.warning("%s: dropping %d cells with no counts in the genes kept by "
+                               "qc.min_cells_per_gene: a cell without counts has no log1p(CP10k) "
+                               "profile", path, int(empty.sum()))
+                n_no_counts += int(empty.sum())
+                # Conditions are checked again; genes are not filtered again (the dropped
+                # cells have no count in any kept gene).
+                keep = _enforce_condition_sizes(canon, keep & ~empty, entry, var.shape[0], path)
     _check_not_empty(int(keep.sum()), out_var.shape[0], path, "after QC")
-    return _Plan(keep=keep, obs=canon[keep].copy(), var=out_var, select=select, n_zero_filled=n_zero_filled)
+    return _Plan(keep=keep, obs=canon[keep].copy(), var=out_var, select=select,
+                 n_zero_filled=n_zero_filled, n_no_counts=n_no_counts)
 
 
 def _output_blocks(X: Any, plan: _Plan, progress: bool) -> Iterator[sp.csr_matrix]:
@@ -670,6 +763,7 @@ def _summary(plan: _Plan, entry: DatasetEntry, n_cells_raw: int, n_genes_raw: in
         "n_cells": int(plan.keep.sum()),
         "n_genes": int(plan.var.shape[0]),
         "n_genes_zero_filled": plan.n_zero_filled,
+        "n_cells_no_counts": int(plan.n_no_counts),
     }
 
 
@@ -698,6 +792,7 @@ def preprocess(adata: ad.AnnData, entry: DatasetEntry, path: str,
     input, including an empty result. :func:`preprocess_file` does the same from file to
     file without holding the counts in memory.
     """
+    path = data_label(entry, path)  # messages name the dataset entry and its configured file
     _validate_metadata(adata.obs, adata.var_names, entry, path)
     X = _counts_matrix(adata, entry, path)
     _check_counts(X, entry, path, progress, layers=list(adata.layers.keys()))
@@ -709,7 +804,7 @@ def preprocess(adata: ad.AnnData, entry: DatasetEntry, path: str,
     out = ad.AnnData(X=counts, obs=plan.obs, var=plan.var, uns=copy.deepcopy(dict(adata.uns)),
                      obsm=_obsm_rows(adata.obsm, plan.keep))
     out.uns["lingshu"] = _summary(plan, entry, adata.n_obs, adata.n_vars)
-    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", path, entry.name,
+    logger.info("%s: preprocessed to %d cells x %d genes (raw %d x %d)", path,
                 out.n_obs, out.n_vars, adata.n_obs, adata.n_vars)
     return out
 
@@ -744,25 +839,28 @@ def preprocess_file(raw_path: str, entry: DatasetEntry, out_path: str,
     :func:`~lingshu.io.write_h5ad`, but the counts are read and written one row block at a time
     (about BLOCK_ELEMENTS values), so memory stays bounded by the cell metadata whatever the
     number of cells. Passes over the counts: value check, cell statistics, gene statistics (only
-    with ``min_cells_per_gene``), writing. The output appears only when complete.
+    with ``min_cells_per_gene``; then one more for the cells it leaves without counts, when it
+    removes a gene some kept cell has counts in), writing. The output appears only when
+    complete.
     """
-    with _open_h5(raw_path) as f:
+    where = data_label(entry, raw_path)  # messages name the dataset entry and its configured file
+    with _open_h5(raw_path, where) as f:
         if "obs" not in f or "var" not in f or f["obs"].attrs.get("encoding-type") is None:
             # Old (pre-0.7) layouts cannot be read piecewise: go through memory.
             write_h5ad(preprocess(read_raw(raw_path, entry), entry, raw_path, progress), out_path)
             return
         obs = ad.io.read_elem(f["obs"])
         var = ad.io.read_elem(f["var"])
-        _validate_metadata(obs, var.index, entry, raw_path)
-        X = _streamable_counts(f, entry, raw_path)
+        _validate_metadata(obs, var.index, entry, where)
+        X = _streamable_counts(f, entry, where)
         layers = list(f["layers"].keys()) if "layers" in f else []
-        _check_counts(X, entry, raw_path, progress, layers=layers)
-        plan = _plan(X, obs, var, entry, raw_path, progress)
+        _check_counts(X, entry, where, progress, layers=layers)
+        plan = _plan(X, obs, var, entry, where, progress)
         uns = ad.io.read_elem(f["uns"]) if "uns" in f else {}
         uns["lingshu"] = _summary(plan, entry, len(obs), len(var))
         obsm = _obsm_rows(ad.io.read_elem(f["obsm"]), plan.keep) if "obsm" in f else {}
         with atomic_path(out_path) as tmp:
             write_h5ad_streaming(tmp, obs=plan.obs, var=plan.var, uns=uns, obsm=obsm,
                                  blocks=_output_blocks(X, plan, progress))
-    logger.info("%s: %s preprocessed to %d cells x %d genes (raw %d x %d)", raw_path, entry.name,
+    logger.info("%s: preprocessed to %d cells x %d genes (raw %d x %d)", where,
                 len(plan.obs), len(plan.var), len(obs), len(var))

@@ -29,7 +29,7 @@ from scipy.stats import false_discovery_control, mannwhitneyu
 
 from lingshu.config import DatasetEntry
 from lingshu.constants import PERT_COL, TARGET_SUM
-from lingshu.errors import input_error
+from lingshu.errors import configured_source, input_error
 from lingshu.io import read_table, write_table
 
 log = logging.getLogger(__name__)
@@ -98,19 +98,25 @@ def _check_thresholds(fdr: float, min_abs_log2fc: float, path: object) -> None:
 
 
 def _context_tests(counts: sp.csc_matrix, library: np.ndarray, is_control: np.ndarray,
-                   groups: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+                   groups: dict[str, np.ndarray], progress: bool = False,
+                   desc: str = "prior tests") -> dict[str, dict[str, np.ndarray]]:
     """Wilcoxon tests of each perturbation against the controls of one context.
 
     counts: (n_cells, n_genes) raw counts of the context (CSC, so that gene blocks slice fast);
     library: (n_cells,) total counts per cell; is_control: (n_cells,) bool;
     groups: perturbation -> row indices of its cells.
     Returns perturbation -> {"log2fc", "control_mean", "perturbed_mean", "padj"}, each (n_genes,).
+    progress: a bar over the tests (gene blocks x perturbations), with its ETA.
     """
+    from tqdm.auto import tqdm
+
     n_cells, n_genes = counts.shape
     scale = np.divide(TARGET_SUM, library, out=np.zeros(n_cells), where=library > 0)
     block = max(1, BLOCK_ELEMENTS // max(n_cells, 1))
     keys = ("log2fc", "control_mean", "perturbed_mean", "pvalue")
     stats = {p: {k: np.empty(n_genes) for k in keys} for p in groups}
+    bar = tqdm(total=-(-n_genes // block) * len(groups), desc=desc, unit="test",
+               disable=not progress)
     for start in range(0, n_genes, block):
         cols = slice(start, min(start + block, n_genes))
         raw = counts[:, cols].toarray().astype(np.float64)  # (n_cells, block)
@@ -130,6 +136,8 @@ def _context_tests(counts: sp.csc_matrix, library: np.ndarray, is_control: np.nd
                 p = mannwhitneyu(logx[rows], ctrl_log, axis=0, alternative="two-sided",
                                  method="asymptotic").pvalue
             out["pvalue"][cols] = np.nan_to_num(p, nan=1.0)
+            bar.update(1)
+    bar.close()
     for out in stats.values():
         out["padj"] = false_discovery_control(out.pop("pvalue"), method="bh")
     return stats
@@ -144,7 +152,7 @@ def prior_genes(adata: ad.AnnData, perturbation_col: str, control_label: str,
                 context_col: str | None = None, genes: Sequence[str] | None = None,
                 fdr: float = 0.05, min_abs_log2fc: float = 1.0, min_control_mean: float = 2.0,
                 max_perturbed_mean: float = 1.0, combo_separator: str = "+", min_cells: int = 3,
-                path: object = "<external AnnData>") -> pd.DataFrame:
+                path: object = "<external AnnData>", progress: bool = False) -> pd.DataFrame:
     """Genes each perturbation strongly down-regulates in external data, plus its target(s).
 
     adata: (n_cells, n_genes) raw integer counts in X (CSR, CSC or dense), in memory.
@@ -179,11 +187,16 @@ def prior_genes(adata: ad.AnnData, perturbation_col: str, control_label: str,
                 else np.full(adata.n_obs, "(all cells)", dtype=object))
     control_label = str(control_label)
     if control_label not in set(perts):
+        from lingshu.data.preprocess import _did_you_mean
+
         counts = pd.Series(perts).value_counts()
+        guess = _did_you_mean(control_label, [str(x) for x in counts.index])
+        hint = f"did you mean {guess!r}? " if guess is not None else ""
         raise input_error(path, f"obs[{perturbation_col!r}]",
-                          f"no cell has the control label {control_label!r}; most frequent labels: "
-                          + _shown(counts.index),
-                          "pass `control_label=` the label of the control cells")
+                          f"no cell has the control label {control_label!r}; {hint}most frequent "
+                          "labels: " + _shown(counts.index),
+                          "pass `control_label=` the label of the control cells (in the config: "
+                          "the prior's `columns.control`)")
     var_names = pd.Index(adata.var_names.astype(str))
     if var_names.has_duplicates:
         dup = var_names[var_names.duplicated()]
@@ -218,7 +231,8 @@ def prior_genes(adata: ad.AnnData, perturbation_col: str, control_label: str,
             continue
         counts = sp.csc_matrix(x[in_ctx], dtype=np.float64)
         library = np.asarray(counts.sum(axis=1)).ravel()
-        for pert, stats in _context_tests(counts, library, is_control, groups).items():
+        for pert, stats in _context_tests(counts, library, is_control, groups, progress,
+                                          f"prior tests ({ctx})").items():
             passed = ((stats["padj"] < fdr) & (stats["log2fc"] < -min_abs_log2fc)
                       & (stats["control_mean"] > min_control_mean)
                       & (stats["perturbed_mean"] < max_perturbed_mean))
@@ -315,7 +329,7 @@ def read_prior(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def external_prior(external: ad.AnnData, adata: ad.AnnData, entry: DatasetEntry,
-                   path: str) -> pd.DataFrame:
+                   path: str, progress: bool = False) -> pd.DataFrame:
     """The prior table of the dataset's perturbations from external data (SPEC 1.4).
 
     external: raw counts (maybe backed); only its control cells and the cells of the
@@ -359,7 +373,7 @@ def external_prior(external: ad.AnnData, adata: ad.AnnData, entry: DatasetEntry,
                        fdr=spec["fdr"], min_abs_log2fc=spec["min_abs_log2fc"],
                        min_control_mean=spec["min_control_mean"],
                        max_perturbed_mean=spec["max_perturbed_mean"], combo_separator=sep,
-                       path=path)
+                       path=path, progress=progress)
 
 
 def prior_of_labels(table: pd.DataFrame, labels, entry: DatasetEntry) -> dict[str, list[str]]:
@@ -371,10 +385,13 @@ def prior_job(external_path: str, processed_path: str, entry: DatasetEntry, out:
     """The ``prior`` rule: the prior genes of the dataset's perturbations, to ``out``."""
     from lingshu.data.preprocess import _open_h5
 
-    _open_h5(external_path).close()  # a clear error for a missing or unreadable file
+    # Errors name the dataset entry and the file the user configured, not the pipeline's link.
+    where = configured_source(entry.name, (entry.prior or {}).get("source"), external_path,
+                              block="prior.source")
+    _open_h5(external_path, where).close()  # a clear error for a missing or unreadable file
     external = ad.read_h5ad(external_path, backed="r")
     processed = ad.read_h5ad(processed_path, backed="r")
-    table = external_prior(external, processed, entry, path=external_path)
+    table = external_prior(external, processed, entry, path=where, progress=True)
     write_prior(table, out)
     n = table.groupby("perturbation").size()
     log.info("prior: %d genes for %d perturbations (median %.0f per perturbation)", len(table),

@@ -31,6 +31,8 @@ def build_truth(adata: ad.AnnData, split: Split) -> ad.AnnData:
     }, index=adata.obs_names[rows])
     truth = ad.AnnData(X=log1p_cp10k(read_rows(adata, rows)), obs=obs,
                        var=pd.DataFrame(index=adata.var_names.copy()))
-    truth.uns["lingshu"] = {"dataset": adata.uns.get("lingshu", {}).get("dataset", ""),
-                            "space": "log1p_cp10k"}
+    made = adata.uns.get("lingshu", {})
+    truth.uns["lingshu"] = {"dataset": made.get("dataset", ""), "space": "log1p_cp10k"}
+    if "n_cells_no_counts" in made:  # cells preprocessing dropped (the report says how many)
+        truth.uns["lingshu"]["n_cells_no_counts"] = int(made["n_cells_no_counts"])
     return truth

@@ -236,8 +236,25 @@ def model_workdir(path: str | Path | None, prefix: str) -> Iterator[Path]:
 
 
 def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read (arrays, meta) from a file written by :meth:`PerturbationModel.save`."""
-    with np.load(path, allow_pickle=False) as npz:
-        meta = json.loads(str(npz["__meta__"]))
-        arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
+    """Read (arrays, meta) from a file written by :meth:`PerturbationModel.save`, without
+    executing code (``allow_pickle=False``: numeric arrays and JSON only).
+
+    Raises :class:`~lingshu.errors.CorruptFileError`, naming the file and saying to delete it
+    and re-run its fit rule, when it is truncated, corrupt, holds pickled objects or lacks its
+    metadata (FileNotFoundError for a missing file).
+    """
+    from lingshu.errors import corrupt_file_error
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("it holds one array, not the arrays of a model")
+            meta = json.loads(str(npz["__meta__"]))
+            arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError("its metadata does not name a model")
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - numpy / zipfile raise many kinds for a bad file
+        raise corrupt_file_error(path, "a model file (model.npz)", err) from err
     return arrays, meta

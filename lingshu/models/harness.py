@@ -38,7 +38,7 @@ from lingshu.data.features import read_features
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.rows import read_rows, rows_on_demand
 from lingshu.data.split import Split, read_split
-from lingshu.errors import InputError
+from lingshu.errors import CorruptFileError, InputError, corrupt_file_error
 from lingshu.io import write_h5ad
 from lingshu.models.base import (
     ConditionInput,
@@ -81,7 +81,10 @@ def load_model(path: str | Path, sampling: dict[str, Any] | None = None) -> Pert
     """Load a model saved with :meth:`PerturbationModel.save`, with sampling settings."""
     arrays, meta = load_state(path)
     model = build_model(meta["model"], meta.get("params"))
-    model.set_state(arrays, meta)
+    try:
+        model.set_state(arrays, meta)
+    except CorruptFileError as err:  # e.g. files packed inside it that hold more than data
+        raise corrupt_file_error(path, f"a {meta['model']} model file", str(err)) from err
     apply_sampling(model, sampling)
     return model
 

@@ -27,15 +27,18 @@ from lingshu.report.tables import (
 __all__ = ["build_report"]
 
 
-def _test_set_size(truth_path: str) -> tuple[int, int]:
-    """(number of test conditions, number of contexts) of the truth file."""
+def _test_set_size(truth_path: str) -> tuple[int, int, int | None]:
+    """(number of test conditions, number of contexts, cells preprocessing dropped for having
+    no counts, or None when the truth does not say) of the truth file."""
     truth = ad.read_h5ad(truth_path, backed="r")  # obs only: X stays on disk
     try:
         obs = truth.obs[[CONTEXT_COL, PERT_COL]].astype(str)
+        no_counts = truth.uns.get("lingshu", {}).get("n_cells_no_counts")
     finally:
         truth.file.close()
     conditions = obs[obs[PERT_COL] != CONTROL].drop_duplicates()
-    return len(conditions), obs[CONTEXT_COL].nunique()
+    return (len(conditions), obs[CONTEXT_COL].nunique(),
+            None if no_counts is None else int(no_counts))
 
 
 def _write_text(text: str, path: Path) -> None:
@@ -102,7 +105,7 @@ def build_report(
     figures.delta_scatter(truth_path, pred_paths, pngs[1])
     figures.per_condition_distributions(per_condition, pngs[2], seed=seed)
 
-    n_conditions, n_contexts = _test_set_size(truth_path)
+    n_conditions, n_contexts, n_no_counts = _test_set_size(truth_path)
     features = read_table(features_used) if features_used else None
 
     # Distribution of the predicted cells of each held-out condition against the real ones
@@ -133,7 +136,7 @@ def build_report(
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
                          features, distribution=distribution, context_scores=by_context,
                          context_png=context_png, generation=generation, sampling=sampling,
-                         not_encoded=not_encoded,
+                         not_encoded=not_encoded, n_cells_no_counts=n_no_counts,
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

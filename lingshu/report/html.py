@@ -226,6 +226,7 @@ def render_report(
     sampling: dict[str, dict] | None = None,
     diagnostics: tuple[pd.DataFrame, Path] | None = None,
     not_encoded: dict[str, list[dict]] | None = None,
+    n_cells_no_counts: int | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -249,6 +250,7 @@ def render_report(
             diagnose their training, or None.
         not_encoded: run -> the conditions (context, perturbation, reason) its model could
             not encode.
+        n_cells_no_counts: cells preprocessing dropped for having no counts (None: unknown).
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -263,7 +265,9 @@ def render_report(
         f"<p>Dataset <b>{html.escape(dataset)}</b>: {n_conditions} test conditions in "
         f"{n_contexts} context(s). Models: {html.escape(', '.join(models))}. Metrics by "
         "cell-eval on log1p(CP10k) expression, real control cells in every prediction; each "
-        "metric is averaged per context, then over contexts.</p>",
+        "metric is averaged per context, then over contexts."
+        + (f" Preprocessing dropped {n_cells_no_counts:,} cell(s) without any count (no "
+           "log1p(CP10k) profile)." if n_cells_no_counts else "") + "</p>",
         "<h2>Results (layout of the paper's Table 2)</h2>",
         paper_table_html(table),
         f"<p>Best model per column in bold; {html.escape(AVERAGE_RANK)} lower is better.</p>",

@@ -96,7 +96,7 @@ def sample(
     guidance: float = 0.0,
     fixed_tokens: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
-    progress: bool = False,
+    progress: bool | Any = False,
     select: bool = False,
 ) -> torch.Tensor:
     """Generate cells by iterative unmasking (SPEC 1.4).
@@ -110,7 +110,9 @@ def sample(
     fixed_tokens, fixed_mask: prior injection: where ``fixed_mask`` (broadcastable to (B, G),
         bool) is True the token is ``fixed_tokens`` (broadcastable to (B, G), in 0..280) from the
         start and never changes.
-    progress: show a tqdm bar.
+    progress: True shows a tqdm bar of this call's ``steps`` unmasking steps; False or None
+        none; a progress bar (anything with ``update(n)``, e.g. a caller's tqdm over every step of several batches,
+        see :func:`sampling_bar`) is advanced by one per step instead. Never draws randomness.
     select: ``model_fn`` takes ``select=`` ((B, G) bool) and returns logits (K, 281) of the
         selected genes only; the sampler then asks only for the genes it unmasks. Same result,
         far less work when each step unmasks few genes (e.g. 256 steps).
@@ -135,27 +137,52 @@ def sample(
         x = torch.where(fixed_mask, fixed_tokens, x)
     n_free = (x == MASK_TOKEN).sum(1)  # (B,) genes to generate per cell
 
-    bar = range(1, steps + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(bar, desc="unmasking", unit="step")
-    for s in bar:
-        masked = x == MASK_TOKEN  # (B, G)
-        n_unmask = masked.sum(1) - _masked_after(n_free, s, steps)  # (B,) from the cosine schedule
-        if not bool((n_unmask > 0).any()):
-            continue
-        # uniform random choice among masked genes: rank random scores, masked genes first
-        scores = torch.rand(n_cells, n_genes, generator=generator, device=device)  # (B, G) in [0, 1)
-        scores = torch.where(masked, scores, torch.full_like(scores, 2.0))  # unmasked genes last
-        order = scores.argsort(dim=1)  # (B, G)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_genes, device=device).expand_as(order))
-        chosen = rank < n_unmask[:, None]  # (B, G)
-
-        if select:
-            logits = guided_logits(model_fn, x, cond, uncond, guidance, select=chosen)  # (K, 281)
-        else:
-            logits = guided_logits(model_fn, x, cond, uncond, guidance)[chosen]  # (K, 281)
-        probs = torch.softmax(logits.float(), dim=-1)  # (K, 281), K = genes unmasked now
-        x[chosen] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (K,)
+    own_bar = progress is True
+    if own_bar:
+        bar = sampling_bar(steps, 1, desc="unmasking")
+    else:  # a caller's bar, or none (never tested for truth: an empty tqdm is falsy)
+        bar = None if progress is False or progress is None else progress
+    try:
+        for s in range(1, steps + 1):
+            _unmask_step(model_fn, x, s, steps, n_free, generator, cond, uncond, guidance, select)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if own_bar:
+            bar.close()
     return x
+
+
+def sampling_bar(steps: int, n_batches: int, desc: str = "sampling", disable: bool = False):
+    """A tqdm bar over every unmasking step of ``n_batches`` sampling batches (total
+    ``steps * n_batches``, with its rate and ETA), for :func:`sample`'s ``progress``: the unit
+    that moves, where a bar over batches would sit at 0 for minutes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=int(steps) * int(n_batches), desc=desc, unit="step", disable=disable,
+                dynamic_ncols=True)
+
+
+def _unmask_step(model_fn: ModelFn, x: torch.Tensor, s: int, steps: int, n_free: torch.Tensor,
+                 generator: torch.Generator, cond: Any, uncond: Any, guidance: float,
+                 select: bool) -> None:
+    """Step ``s`` of :func:`sample`, on ``x`` in place."""
+    n_cells, n_genes = x.shape
+    device = x.device
+    masked = x == MASK_TOKEN  # (B, G)
+    n_unmask = masked.sum(1) - _masked_after(n_free, s, steps)  # (B,) from the cosine schedule
+    if not bool((n_unmask > 0).any()):
+        return  # no gene to unmask in any cell: no model call
+    # uniform random choice among masked genes: rank random scores, masked genes first
+    scores = torch.rand(n_cells, n_genes, generator=generator, device=device)  # (B, G) in [0, 1)
+    scores = torch.where(masked, scores, torch.full_like(scores, 2.0))  # unmasked genes last
+    order = scores.argsort(dim=1)  # (B, G)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_genes, device=device).expand_as(order))
+    chosen = rank < n_unmask[:, None]  # (B, G)
+
+    if select:
+        logits = guided_logits(model_fn, x, cond, uncond, guidance, select=chosen)  # (K, 281)
+    else:
+        logits = guided_logits(model_fn, x, cond, uncond, guidance)[chosen]  # (K, 281)
+    probs = torch.softmax(logits.float(), dim=-1)  # (K, 281), K = genes unmasked now
+    x[chosen] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (K,)

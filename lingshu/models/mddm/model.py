@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.normalize import log1p_cp10k
@@ -41,7 +40,7 @@ from lingshu.models.base import (
     is_main_process,
 )
 from lingshu.models.mddm.diagnostics import HeldOutDiagnostics, diagnostics_table
-from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
+from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample, sampling_bar
 from lingshu.models.mddm.network import (
     PRESETS,
     LingshuNetwork,
@@ -376,6 +375,20 @@ class LingshuCell(PerturbationModel):
         return {"fixed_mask": mask, "fixed_tokens": torch.full(
             (len(self.genes),), PRIOR_TOKEN, dtype=torch.long, device=self.device)}
 
+    _sample_bar: Any = None  # predict_many's bar over every unmasking step, while it runs
+
+    def predict_many(self, conditions, rng, progress=False):
+        """The base class's, with one bar over the unmasking steps of every sampling batch of
+        every condition (steps x batches, with its ETA) rather than over conditions."""
+        batch, steps = int(self.cfg["sample_batch"]), int(self.cfg["sample_steps"])
+        n_batches = sum(-(-c.n_cells // batch) for c in conditions)
+        with sampling_bar(steps, n_batches, "predict lingshu", disable=not progress) as bar:
+            self._sample_bar = bar if progress else None
+            try:
+                yield from super().predict_many(conditions, rng, progress=False)
+            finally:
+                self._sample_bar = None
+
     def predict(self, condition: ConditionInput, rng: np.random.Generator) -> np.ndarray:
         cond = self.condition_tensors(condition.context, condition.perturbation)
         uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
@@ -392,7 +405,7 @@ class LingshuCell(PerturbationModel):
             n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
                          cond=cond, uncond=uncond, guidance=self.guidance(), select=True,
-                         **fixed)
+                         progress=self._sample_bar, **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
 
@@ -424,11 +437,15 @@ class LingshuCell(PerturbationModel):
         steps, batch = int(self.cfg["unconditional_steps"]), int(self.cfg["sample_batch"])
         blocks = []
         starts = range(0, n_cells, batch)
-        for start in tqdm(starts, desc="generate lingshu", unit="batch", disable=not progress):
-            n = min(batch, n_cells - start)
-            with torch.no_grad():
-                tok = sample(model_fn, n, len(self.genes), steps, gen, select=True)
-            blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
+        # One bar over every unmasking step of every batch: it moves (with an ETA) where a bar
+        # over batches of hundreds of cells would sit at 0 for minutes.
+        with sampling_bar(steps, len(starts), "generate lingshu", disable=not progress) as bar:
+            for start in starts:
+                n = min(batch, n_cells - start)
+                with torch.no_grad():
+                    tok = sample(model_fn, n, len(self.genes), steps, gen, select=True,
+                                 progress=bar if progress else False)
+                blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
 
     # ------------------------------------------------------------------ state

@@ -39,8 +39,10 @@ read by STATE's code at prediction time.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -57,6 +59,7 @@ import scipy.sparse as sp
 from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.features import SOURCE_COL
 from lingshu.data.normalize import log1p_cp10k
+from lingshu.errors import CorruptFileError
 from lingshu.io import atomic_path, write_h5ad_streaming
 from lingshu.models.base import (
     ConditionInput,
@@ -156,10 +159,58 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _torch_load(path: Path):
+# What arc-state's files may hold besides tensors and plain containers: numpy scalars and
+# their dtypes (e.g. np.str_ keys of its one-hot maps, numbers in its hyperparameters).
+_NUMPY_MODULES = ("numpy", "numpy.dtypes", "numpy.core.multiarray", "numpy._core.multiarray")
+
+
+def _numpy_globals() -> list:
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtypes = {type(np.dtype(t)) for t in (np.str_, np.bytes_, np.bool_, np.int8, np.int16,
+                                           np.int32, np.int64, np.uint8, np.float16,
+                                           np.float32, np.float64)}
+    return [scalar, np.dtype, *sorted(dtypes, key=lambda t: t.__name__)]
+
+
+def _torch_load(source: Path | io.BytesIO):
+    """``torch.load`` of one of STATE's files without executing code: ``weights_only=True``,
+    numpy scalars and dtypes allowed (arc-state leaves them in its files)."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles data only (containers, strings, numbers, numpy scalars): any other global,
+    which is how a pickle runs code, is refused."""
+
+    def find_class(self, module: str, name: str):
+        if module in _NUMPY_MODULES and (name in ("scalar", "dtype") or name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (data only)")
+
+
+def _check_packed_files(files: dict[str, bytes]) -> None:
+    """Refuse STATE run files (from a model.npz) that hold more than data: ``state tx infer``
+    unpickles some of them with ``weights_only=False`` or ``pickle.load``, so each one is read
+    here first as data only (CorruptFileError otherwise)."""
+    for name, blob in files.items():
+        try:
+            if name.endswith(".pkl"):
+                _DataUnpickler(io.BytesIO(blob)).load()
+            elif name.endswith((".pt", ".torch", ".ckpt")):
+                _torch_load(io.BytesIO(blob))
+        except Exception as err:  # noqa: BLE001 - pickle / torch raise many kinds
+            raise CorruptFileError(f"STATE's packed file {name!r} cannot be read as data only "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+                                   ) from err
+        if name in RUN_FILES or name == CKPT:
+            continue
+        raise CorruptFileError(f"it packs an unexpected STATE file {name!r}")
 
 
 class StateModel(PerturbationModel):
@@ -380,8 +431,6 @@ class StateModel(PerturbationModel):
     def _pack(self, run_dir: Path) -> dict[str, bytes]:
         """The run's files needed by ``state tx infer``; the checkpoint without optimiser
         state (what Lightning needs to rebuild the module is kept)."""
-        import io
-
         import torch
 
         files = {}
@@ -403,11 +452,7 @@ class StateModel(PerturbationModel):
         return files
 
     def _perturbation_map_labels(self) -> list[str]:
-        import io
-
-        import torch
-
-        mapping = torch.load(io.BytesIO(self.files["pert_onehot_map.pt"]), weights_only=False)
+        mapping = _torch_load(io.BytesIO(self.files["pert_onehot_map.pt"]))
         return [str(k) for k in mapping]
 
     def _materialise(self, where: Path) -> Path:
@@ -501,6 +546,7 @@ class StateModel(PerturbationModel):
     def set_state(self, arrays, meta):
         self.files = {k[len("file::"):]: v.tobytes() for k, v in arrays.items()
                       if k.startswith("file::")}
+        _check_packed_files(self.files)  # before `state tx infer` unpickles any of them
         self.genes, self.labels = meta["genes"], meta["labels"]
         self.contexts, self.encoding = meta["contexts"], meta["encoding"]
         self.train_seconds = meta.get("train_seconds")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lingshu.errors import corrupt_file_error
 from lingshu.io import atomic_path
 from lingshu.models.training.ddp import _gather
 
@@ -41,8 +42,24 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint onto the CPU (``weights_only=True``: no pickled objects)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint onto the CPU without executing code (``weights_only=True``: tensors,
+    numbers, strings and containers only, never pickled objects).
+
+    Raises :class:`~lingshu.errors.CorruptFileError`, naming the file and saying to delete it
+    and re-run its rule, when it is truncated, corrupt, holds pickled objects or is not a dict
+    (FileNotFoundError for a missing file).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise corrupt_file_error(path, "a checkpoint", err) from err
+    if not isinstance(state, dict):
+        raise corrupt_file_error(path, "a checkpoint", f"it holds a {type(state).__name__}, "
+                                 "not a dict")
+    return state
 
 
 def _strip_prefixes(state: dict) -> dict:

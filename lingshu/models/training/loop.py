@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lingshu.errors import CorruptFileError
 from lingshu.models.training.checkpoint import (
     CHECKPOINT_FORMAT,
     _gather_rng,
@@ -236,12 +237,25 @@ def _train(model, loss_fn, sample_batch, cfg, checkpoint_path, device, resume, s
 # --------------------------------------------------------------------------------------------
 def _checkpoint_to_resume(checkpoint_path: Path, cfg: TrainConfig, resume: bool,
                           fingerprint: str | None, main: bool) -> dict | None:
-    """The checkpoint to continue from, or None to train afresh."""
+    """The checkpoint to continue from, or None to train afresh.
+
+    Resumable state that cannot be read (truncated, corrupt, holding pickled objects) or is
+    not a training checkpoint is reported and not resumed: training starts afresh and
+    overwrites it (it is only a shortcut, never an input)."""
     if not (resume and checkpoint_path.exists()):
         return None
-    ckpt = load_checkpoint(checkpoint_path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint_path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    try:
+        ckpt = load_checkpoint(checkpoint_path)
+    except CorruptFileError as err:
+        if main:
+            log.warning("not resuming: %s. Training afresh (the file will be overwritten)", err)
+        return None
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not _resumable(ckpt):
+        if main:
+            log.warning("not resuming %s: not a complete %s checkpoint (format %r). Training "
+                        "afresh (the file will be overwritten)", checkpoint_path,
+                        CHECKPOINT_FORMAT, ckpt.get("format"))
+        return None
     if fingerprint is not None and ckpt.get("fingerprint") != fingerprint:
         if main:
             log.warning("%s was written for other inputs (data, parameters or initial "
@@ -253,6 +267,12 @@ def _checkpoint_to_resume(checkpoint_path: Path, cfg: TrainConfig, resume: bool,
     if changed and main:
         log.warning("resuming %s with a changed config (old, new): %s", checkpoint_path, changed)
     return ckpt
+
+
+def _resumable(ckpt: dict) -> bool:
+    """Whether a training checkpoint holds what a resume reads."""
+    keys = ("step", "model", "optimizer", "ema", "losses")
+    return all(k in ckpt for k in keys) and isinstance(ckpt["model"], dict)
 
 
 def _load_weights(model: nn.Module, ckpt: dict | None,
