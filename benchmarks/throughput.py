@@ -179,7 +179,7 @@ def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args,
     print(f"  {preset}: training {train_s * 1e3:.1f} ms/step ({batch} cells), {cells_per_s:.1f} cells/s", flush=True)
 
     # -- guided sampling (conditional network, genetic perturbation: 3 steps, w = 2)
-    del optimizer, ema
+    optimizer = ema = None  # free memory (the closures above are done)
     net.eval()
     reset_peak_memory(device)
     cond = conditions(sample_cells, n_genes, gen, device, control=False)
@@ -198,7 +198,7 @@ def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args,
     # -- unguided sampling (unconditional network of the same preset: 256 steps)
     params_all, params_blocks = net.num_parameters(), net.num_parameters(blocks_only=True)
     seq_len = cfg.seq_len
-    del net, fwd, pool
+    net = fwd = pool = None
     unet = LingshuNetwork(config_from_preset(preset, n_genes)).to(device).eval()
     fwd = torch.compile(unet) if compile_note == "on" else unet
     reset_peak_memory(device)
@@ -218,7 +218,7 @@ def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args,
                                     for _ in range(args.sample_repeats))
     print(f"  {preset}: unguided sampling, full head {full_head_s:.2f} s "
           f"(selective head x{full_head_s / unguided_s:.2f} faster)", flush=True)
-    del unet, fwd
+    unet = fwd = None
     reset_peak_memory(device)
 
     guided_step = guided_s / args.guided_steps  # seconds per step for all sample cells
