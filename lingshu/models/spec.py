@@ -56,6 +56,7 @@ class ModelSpec:
         changes none of them shares the base model's generated cells).
     fit_keys: training keys only the fit stage reads (its pre-train job neither gets nor
         hashes them).
+    baseline: a reference baseline (the front page lists the runs each baseline beat).
     """
 
     name: str
@@ -69,6 +70,7 @@ class ModelSpec:
     sampling_keys: frozenset[str] = field(default_factory=frozenset)
     generation_keys: frozenset[str] = field(default_factory=frozenset)
     fit_keys: frozenset[str] = field(default_factory=frozenset)
+    baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.generates_from not in (None, "pretrain", "fit"):
