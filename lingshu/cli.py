@@ -152,6 +152,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_generation_eval(args) -> None:
+    from lingshu.jit_cache import enable_numba_cache
+
+    enable_numba_cache()  # numba code compiled once per machine, not once per job
     import anndata as ad
 
     from lingshu.data.split import read_split
@@ -162,6 +165,9 @@ def cmd_generation_eval(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from lingshu.jit_cache import enable_numba_cache
+
+    enable_numba_cache()  # numba code compiled once per machine, not once per job
     from lingshu.evaluate.perturbation import evaluate_to_dir
 
     evaluate_to_dir(args.truth, args.pred, args.outdir, threads=args.threads,
@@ -169,6 +175,9 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from lingshu.jit_cache import enable_numba_cache
+
+    enable_numba_cache()  # numba code compiled once per machine, not once per job
     from lingshu.report import build_report
 
     build_report(dataset=args.dataset, eval_dirs=_pairs(args.eval), ceiling_dir=args.ceiling_dir,
