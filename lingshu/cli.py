@@ -138,6 +138,19 @@ def cmd_predict(args) -> None:
                 _json(args.sampling), args.seed, args.threads, args.prior, args.out)
 
 
+def cmd_external(args) -> None:
+    from lingshu.models.external import external_prediction_job
+
+    external_prediction_job(args.source, args.values, args.truth, args.split, args.run,
+                            args.note, args.out)
+
+
+def cmd_export(args) -> None:
+    from lingshu.data.export import export_job
+
+    export_job(args.processed, args.split, args.features, args.dataset, args.seed, args.outdir)
+
+
 def cmd_generate(args) -> None:
     from lingshu.models.harness import generate_job
 
@@ -277,6 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="{}", help="JSON of the run's sampling settings")
     p.add_argument("--prior", help="prior gene table of the prior command (prior injection)")
     p.add_argument("--out", required=True)
+
+    p = add("external", cmd_external, "check and convert predictions made outside this "
+            "pipeline (a `kind: external` model entry)", "split")
+    p.add_argument("--source", required=True, help="the user's prediction h5ad (read only)")
+    p.add_argument("--values", required=True, choices=["counts", "log1p_cp10k"],
+                   help="what its X holds")
+    p.add_argument("--truth", required=True, help="the dataset's truth.h5ad")
+    p.add_argument("--run", required=True, help="the entry's name (the report's row)")
+    p.add_argument("--note", default="", help="the entry's note (printed by the report)")
+    p.add_argument("--out", required=True)
+
+    p = add("export", cmd_export, "export the frozen split for models run elsewhere",
+            "processed", "split", "seed")
+    p.add_argument("--features", required=True, help="features.tsv of the features command")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--outdir", required=True, help="the export folder")
 
     p = add("generate", cmd_generate, "generate cells unconditionally (generative models)",
             "processed", "split", "seed", "threads")

@@ -26,6 +26,7 @@ _FIXES = {
     "required": "add the missing key (see config/README.md)",
     "additionalProperties": "remove or rename the key; allowed keys are listed in the schema",
     "enum": "use one of the allowed values",
+    "const": "use the allowed value",
     "oneOf": "give exactly one of url+sha256, path, or simulate",
     "pattern": "match the expected form",
     "type": "give a value of the expected type",

@@ -6,20 +6,37 @@ which runs each dataset has and which parameters each job gets. Kept in Python, 
 model specs, so that the plan is tested without Snakemake.
 
 Runs: every model of a dataset is one run (``lingshu``), and each of its sampling variants
-one more (``lingshu@w3``), sharing the model's pre-train and fit jobs.
+one more (``lingshu@w3``), sharing the model's pre-train and fit jobs. An ``external`` entry
+under ``models`` (``kind: external``: predictions made outside this pipeline, read from its
+``path``) is one run with no pre-train, fit, generate job nor variants: the
+``external_prediction`` rule checks and converts its file (:mod:`lingshu.models.external`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lingshu.config import SCHEMA_PATH, DatasetEntry, error_message, load_schema, schema_errors
 from lingshu.errors import InputError
-from lingshu.models.spec import VARIANTS_KEY, get_spec, model_names, parse_run, run_name
+from lingshu.models.spec import (
+    VARIANT_NAME,
+    VARIANT_SEP,
+    VARIANTS_KEY,
+    get_spec,
+    model_names,
+    parse_run,
+    run_name,
+)
+
+EXTERNAL = "external"  # the `kind` of a model entry whose predictions are made elsewhere
+EXTERNAL_KEYS = ("kind", "path", "values", "note")
+EXTERNAL_VALUES = ("counts", "log1p_cp10k")
+DATASET_PLACEHOLDER = "{dataset}"
 
 
 def validate_config(config: dict, source: str = "config",
@@ -31,9 +48,15 @@ def validate_config(config: dict, source: str = "config",
     the Snakefile does so before any job of a run starts (not for a dry run, which may plan
     data not obtained yet).
     """
-    errors = schema_errors(config, load_schema(schema_path, model_names=model_names()))
+    _check_external(config, source)
+    names = model_names() + [m for m in _external_names(config) if m not in model_names()]
+    errors = schema_errors(config, load_schema(schema_path, model_names=names))
     if errors:
-        raise InputError(error_message(errors[0], source, len(errors)))
+        message = error_message(errors[0], source, len(errors))
+        if list(errors[0].absolute_path) == ["models"] and errors[0].validator == "enum":
+            message += (" (or, for predictions made outside this pipeline, an entry of "
+                        "`kind: external` with `path` and `values`: see config/README.md)")
+        raise InputError(message)
     _check_cross_fields(config, source)
     if check_files:
         check_source_files(config, source)
@@ -62,9 +85,102 @@ def check_source_files(config: dict, source: str = "config") -> None:
                     f"entry (or give an absolute path), or put the file there")
 
 
+def _external_names(config: dict) -> list[str]:
+    """The names of the ``kind: external`` entries of a (not yet validated) config."""
+    models = config.get("models")
+    if not isinstance(models, dict):
+        return []
+    return [name for name, block in models.items()
+            if isinstance(block, dict) and block.get("kind") == EXTERNAL]
+
+
+def _users_of(config: dict, model: str) -> list[str]:
+    """The datasets of a (not yet validated) config that run ``model``."""
+    datasets = config.get("datasets")
+    if not isinstance(datasets, dict):
+        return []
+    return sorted(name for name, entry in datasets.items()
+                  if not isinstance(entry, dict) or not isinstance(entry.get("models"), list)
+                  or model in entry["models"])
+
+
+def _check_external(config: dict, source: str) -> None:
+    """Raise InputError for the first bad ``kind: external`` entry under ``models`` (run before
+    the schema, so that the message says what an external entry needs)."""
+    models = config.get("models")
+    if not isinstance(models, dict):
+        return
+    registered = set(model_names())
+    example = "e.g. `{kind: external, path: \"preds/{dataset}.h5ad\", values: log1p_cp10k}`"
+    for name, block in models.items():
+        if not isinstance(block, dict) or "kind" not in block:
+            continue
+        where = f"{source}: models.{name}"
+        if block["kind"] != EXTERNAL:
+            raise InputError(
+                f"{where}.kind: {block['kind']!r} is not a kind of model entry (the only one "
+                f"is 'external': predictions made outside this pipeline). Fix: write "
+                f"`kind: external` with `path` and `values`, or remove `kind` from a "
+                f"registered model's block")
+        if name in registered:
+            raise InputError(
+                f"{where}: an external entry may not take the name of the registered model "
+                f"{name!r}. Fix: give the external predictions a name of their own (e.g. "
+                f"{name}_external); a registered model's block has no `kind`")
+        if VARIANT_SEP in str(name) or not VARIANT_NAME.match(str(name)):
+            raise InputError(f"{where}: {name!r} is not a valid name (letters, digits, _ and "
+                             f"-). Fix: rename the entry")
+        unknown = sorted(set(block) - set(EXTERNAL_KEYS))
+        if unknown:
+            raise InputError(
+                f"{where}: {unknown} are not keys of an external entry (it takes path, values "
+                f"and an optional note: nothing is fitted or sampled). Fix: remove them")
+        path = block.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise InputError(
+                f"{where}.path: {'missing' if path is None else f'{path!r} is not a path'}. "
+                f"Fix: give the prediction file (an h5ad), {example}")
+        values = block.get("values")
+        if values not in EXTERNAL_VALUES:
+            problem = ("missing" if values is None else
+                       f"{values!r} is not one of {list(EXTERNAL_VALUES)}")
+            raise InputError(
+                f"{where}.values: {problem}. Fix: say what the file's X holds: "
+                f"`values: counts` (raw integer counts, normalised here to log1p(CP10k)) or "
+                f"`values: log1p_cp10k` (log1p of counts per 10,000)")
+        if "note" in block and not isinstance(block["note"], str):
+            raise InputError(f"{where}.note: give one line of text (the report prints it). "
+                             f"Fix: quote the note")
+        fields = [f for f in re.findall(r"\{([^{}]*)\}", path) if f != "dataset"]
+        if fields:
+            raise InputError(
+                f"{where}.path: {path!r} holds the placeholder {{{fields[0]}}}; the only one "
+                f"is {DATASET_PLACEHOLDER}. Fix: write {DATASET_PLACEHOLDER} where the "
+                f"dataset's name goes, or a fixed path")
+        users = _users_of(config, name)
+        if len(users) > 1 and DATASET_PLACEHOLDER not in path:
+            raise InputError(
+                f"{where}.path: {path!r} has no {DATASET_PLACEHOLDER}, but {len(users)} "
+                f"datasets use this entry ({', '.join(users)}): each would read the same "
+                f"file. Fix: put {DATASET_PLACEHOLDER} in the path (e.g. "
+                f"preds/{DATASET_PLACEHOLDER}.h5ad), or list the entry in one dataset's "
+                f"`models`")
+    datasets = config.get("datasets")
+    for dataset, entry in (datasets.items() if isinstance(datasets, dict) else ()):
+        params = entry.get("model_params") if isinstance(entry, dict) else None
+        for name in _external_names(config):
+            if isinstance(params, dict) and name in params:
+                raise InputError(
+                    f"{source}: datasets.{dataset}.model_params.{name}: an external entry has "
+                    f"no parameters. Fix: remove it (a `path` with {DATASET_PLACEHOLDER} reads "
+                    f"one file per dataset)")
+
+
 def _check_cross_fields(config: dict, source: str) -> None:
     models = set(config["models"])
     for name, block in config["models"].items():
+        if is_external(config, name):
+            continue
         problems = get_spec(name).check_variants(block or {}, f"models.{name}")
         if problems:
             raise InputError(f"{source}: {problems[0]}. Fix: keep only sampling settings in "
@@ -143,8 +259,50 @@ def entry_json(config: dict, dataset: str, with_prior: bool = False) -> str:
 
 
 def models_of(config: dict, dataset: str) -> list[str]:
-    """The models run on a dataset (its ``models`` list, else every configured model)."""
+    """The models run on a dataset (its ``models`` list, else every configured model);
+    external entries included."""
     return list(config["datasets"][dataset].get("models") or sorted(config["models"]))
+
+
+def is_external(config: dict, model: str) -> bool:
+    """Whether ``model`` (a run's model) is a ``kind: external`` entry: predictions made
+    outside this pipeline, with no fit, pre-train, generate job nor sampling variants."""
+    block = config["models"].get(parse_run(model)[0])
+    return isinstance(block, dict) and block.get("kind") == EXTERNAL
+
+
+def external_models(config: dict) -> list[str]:
+    """Every external entry of the config, sorted."""
+    return sorted(m for m in config["models"] if is_external(config, m))
+
+
+def fitted_models_of(config: dict, dataset: str) -> list[str]:
+    """The registered models run on a dataset: those with fit (and pre-train) jobs."""
+    return [m for m in models_of(config, dataset) if not is_external(config, m)]
+
+
+def external_path(config: dict, model: str, dataset: str) -> str:
+    """The prediction file an external entry names for ``dataset`` (its ``path`` with
+    ``{dataset}`` filled in, ``~`` expanded; a relative path is from the working directory)."""
+    path = str(config["models"][model]["path"]).replace(DATASET_PLACEHOLDER, dataset)
+    return os.path.expanduser(path)
+
+
+def external_file(config: dict, model: str, dataset: str, source: str = "config") -> str:
+    """:func:`external_path`, after checking that the file exists: raise InputError naming
+    the entry, the path as configured, where it resolves to and the fix (what the
+    ``external_prediction`` rule's input asks, so a missing file stops the run when planned)."""
+    path = external_path(config, model, dataset)
+    if not Path(path).is_file():
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        configured = config["models"][model]["path"]
+        raise InputError(
+            f"{source}: models.{model}.path: {configured!r} for dataset {dataset!r} is "
+            f"{path!r}, which {what} (resolved to {Path(path).absolute()}; a relative path is "
+            f"taken from the working directory {Path.cwd()}). Fix: put the predictions there "
+            f"(`snakemake export` writes what a model needs to make them), or correct "
+            f"`path:`")
+    return path
 
 
 def model_block(config: dict, model: str, dataset: str | None = None) -> dict[str, Any]:
@@ -185,6 +343,8 @@ def runs_of(config: dict, dataset: str) -> list[str]:
     runs = []
     for model in models_of(config, dataset):
         runs.append(model)
+        if is_external(config, model):
+            continue
         variants = model_block(config, model, dataset).get(VARIANTS_KEY) or {}
         runs += [run_name(model, v) for v in variants]
     return runs
@@ -203,6 +363,8 @@ def generation_runs_of(config: dict, dataset: str) -> list[str]:
     runs = []
     for run in runs_of(config, dataset):
         model, variant = parse_run(run)
+        if is_external(config, model):
+            continue
         spec = get_spec(model)
         if spec.generates_from is None:
             continue
@@ -215,6 +377,8 @@ def generation_runs_of(config: dict, dataset: str) -> list[str]:
 
 def uses_prior(config: dict, run: str, dataset: str) -> bool:
     """Whether a run injects prior genes (Lingshu-Cell's ``prior_injection``)."""
+    if is_external(config, run):
+        return False
     return bool(sampling_params(config, run, dataset).get("prior_injection"))
 
 

@@ -1,10 +1,12 @@
 """The whole Snakemake pipeline on a tiny simulated config, end to end (slow: about 5 minutes,
 two runs): every model, sampling variants from one fit, a sampling edit that re-runs sampling
-only, and a rerun from scratch that gives the same numbers."""
+only, predictions made elsewhere (an external entry) scored like a model's, and a rerun from
+scratch that gives the same numbers."""
 
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +119,28 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
     retrained["models"]["lingshu"]["finetune_steps"] = 21
     jobs = _planned_jobs(_run_tiny(results, tmp_path, retrained, "-n", name="retrained"))
     assert jobs.get("fit_model") == 1 and "pretrain_model" not in jobs, jobs
+
+    # Predictions made elsewhere (a `kind: external` entry): perturbation_mean's own file,
+    # copied out and read back, runs only its own job, its evaluation, the report and the
+    # index, and scores exactly what perturbation_mean scored.
+    outside = tmp_path / "outside" / "pm.h5ad"
+    outside.parent.mkdir()
+    shutil.copyfile(ds / "predictions" / "perturbation_mean.h5ad", outside)
+    external = copy.deepcopy(TINY)
+    external["models"]["outside"] = {"kind": "external", "path": str(outside),
+                                     "values": "log1p_cp10k", "note": "scored from outside"}
+    jobs = _planned_jobs(_run_tiny(results, tmp_path, external, "-n", name="external"))
+    assert jobs == {"external_prediction": 1, "evaluate": 1, "report": 1, "index": 1,
+                    "all": 1}, jobs
+    _run_tiny(results, tmp_path, external, name="external")
+    rows = pd.read_csv(ds / "report" / "table.tsv", sep="\t").set_index("model")
+    pd.testing.assert_series_equal(rows.loc["outside"], rows.loc["perturbation_mean"],
+                                   check_names=False)
+    assert "scored from outside" in (ds / "report" / "report.html").read_text()
+    assert json.loads((ds / "eval" / "outside" / "summary.json").read_text())["external"][
+        "source"] == str(outside)
+    assert "external_prediction_outside" in set(
+        pd.read_csv(ds / "report" / "benchmarks.tsv", sep="\t")["job"])
 
     # Determinism: a second run from scratch gives the same numbers.
     again = tmp_path / "again"

@@ -120,3 +120,22 @@ def test_generate_jobs_get_only_the_settings_that_change_generation():
     cfg = _config(variants={"w3": {"guidance": 3.0}}, unconditional_steps=64)
     assert plan.generation_params(cfg, "lingshu", "sim_genetic") == {"unconditional_steps": 64}
     assert plan.generation_params(cfg, "lingshu@w3", "sim_genetic") == {"unconditional_steps": 64}
+
+
+def test_an_external_entry_is_one_run_with_no_training_or_generation():
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["models"]["mine"] = {"kind": "external", "path": "preds/{dataset}.h5ad",
+                             "values": "counts"}
+    plan.validate_config(cfg)
+    assert "mine" in plan.runs_of(cfg, "sim_genetic")
+    assert [r for r in plan.runs_of(cfg, "sim_genetic") if r.startswith("mine")] == ["mine"]
+    assert plan.is_external(cfg, "mine") and not plan.is_external(cfg, "lingshu")
+    assert plan.external_models(cfg) == ["mine"]
+    assert "mine" not in plan.fitted_models_of(cfg, "sim_genetic")
+    assert "mine" in plan.models_of(cfg, "sim_genetic")
+    assert "mine" not in plan.generation_runs_of(cfg, "sim_genetic")
+    assert not plan.uses_prior(cfg, "mine", "sim_genetic")
+    assert plan.external_path(cfg, "mine", "sim_genetic") == "preds/sim_genetic.h5ad"
+    with pytest.raises(Exception, match=r"models\.mine\.path: 'preds/\{dataset\}\.h5ad' for "
+                                        r"dataset 'sim_genetic' .* does not exist"):
+        plan.external_file(cfg, "mine", "sim_genetic", "my.yaml")

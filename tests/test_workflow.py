@@ -121,6 +121,36 @@ def test_prior_injection_adds_the_prior_rules(tmp_path):
     assert any("lingshu fetch" in x and "other_lines.h5ad" in x for x in lines)
 
 
+def test_an_external_entry_plans_its_own_job_and_the_export_is_a_target_of_its_own(tmp_path):
+    """An external entry: one external_prediction job per dataset (never predict, fit or
+    generate for it), evaluated and reported like any run; `export` is not in the default
+    target and plans one export job per dataset."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["models"]["mine"] = {"kind": "external", "values": "counts",
+                             "path": str(tmp_path / "preds" / "{dataset}.h5ad")}
+    (tmp_path / "preds").mkdir()
+    for name in cfg["datasets"]:
+        (tmp_path / "preds" / f"{name}.h5ad").touch()
+    path = tmp_path / "external.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = _snakemake("-n", "-p", "--configfile", str(path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout + run.stderr
+    assert "export" not in re.findall(r"^(\w+)\s+\d+$", out, re.M)
+    lines = run.stdout.splitlines()
+    external = [x for x in lines if "lingshu external" in x]
+    assert len(external) == 2 and all("--run mine " in x for x in external)
+    assert not any("--run mine" in x or "--model mine" in x for x in lines
+                   if "lingshu predict" in x or "lingshu fit" in x or "lingshu generate" in x)
+    assert any("lingshu evaluate" in x and "predictions/mine.h5ad" in x for x in lines)
+    assert any("lingshu report" in x and "mine=" in x for x in lines)
+    run = _snakemake("export", "-n", "-p", "--configfile", str(path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    exports = [x for x in run.stdout.splitlines() if "lingshu export" in x]
+    assert len(exports) == 2 and not any("lingshu external" in x for x in run.stdout.splitlines())
+
+
 # -- what a user sees when a run fails ----------------------------------------------------------
 
 

@@ -510,7 +510,9 @@ def _bootstrap_spearman_nsig(groups: list[pd.DataFrame], draws: list[np.ndarray]
 
 def _run_record(pred_path: str) -> dict[str, object]:
     """The run that made a prediction: ``uns['lingshu']``'s ``run`` (else ``model``, else the
-    file's stem) and its sampling settings (a dict; empty when none are recorded)."""
+    file's stem) and its sampling settings (a dict; empty when none are recorded); for
+    predictions made outside the pipeline (``external``), ``external``: their source file, its
+    sha256 and the entry's note."""
     import h5py
 
     def text(handle, key):
@@ -521,7 +523,13 @@ def _run_record(pred_path: str) -> dict[str, object]:
     with h5py.File(pred_path, "r") as handle:
         run = text(handle, "run") or text(handle, "model") or Path(pred_path).stem
         sampling = text(handle, "sampling")
-    return {"run": run, "sampling": json.loads(sampling) if sampling else {}}
+        external = text(handle, "external") == "True"
+        source = {k: text(handle, k) or "" for k in ("source", "source_sha256", "note")}
+    record: dict[str, object] = {"run": run, "sampling": json.loads(sampling) if sampling else {}}
+    if external:
+        record["external"] = {"source": source["source"], "sha256": source["source_sha256"],
+                              "note": source["note"]}
+    return record
 
 
 def evaluate_to_dir(
@@ -533,7 +541,8 @@ def evaluate_to_dir(
     Writes ``per_condition.tsv``, ``cell_eval/<context>/``, ``ceiling_agg.tsv`` (ceiling only),
     ``summary.json``: ``{"model" (the run's name), "sampling", "ceiling", "metrics": summary
     dict, "n_conditions" (scored), "n_contexts", "not_encoded" (the conditions the model
-    could not encode, not scored), "seconds"}``, and for a prediction
+    could not encode, not scored), "seconds"}`` (and "external": source, sha256 and note of
+    predictions made outside the pipeline), and for a prediction
     ``distribution.tsv``: per held-out condition, the predicted cells' distribution against the
     real ones (:func:`lingshu.evaluate.fidelity.condition_fidelity`). For the ceiling,
     ``metrics`` is the Spearman-Brown corrected ceiling (:func:`ceiling_summary`), not the raw
@@ -565,6 +574,8 @@ def evaluate_to_dir(
         "not_encoded": record.get("not_encoded", []),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if "external" in record:  # predictions made outside the pipeline: where they came from
+        summary["external"] = record["external"]
     write_json(summary, Path(outdir) / "summary.json")
 
 

@@ -133,10 +133,12 @@ def build_report(
         diagnostics_png = fig_dir / "training_diagnostics.png"
         draw_diagnostics(diagnostics, diagnostics_png)
     sampling = {run: s.get("sampling") or {} for run, s in summaries.items()}
+    external = {run: s["external"] for run, s in summaries.items() if s.get("external")}
     page = render_report(dataset, table, full, pngs, n_conditions, n_contexts, benchmarks,
                          features, distribution=distribution, context_scores=by_context,
                          context_png=context_png, generation=generation, sampling=sampling,
                          not_encoded=not_encoded, n_cells_no_counts=n_no_counts,
+                         external=external,
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

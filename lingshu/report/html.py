@@ -86,9 +86,20 @@ def _frame_html(frame: pd.DataFrame, digits: int = 3) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="—", border=0)
 
 
-def run_note(run: str, sampling: dict | None = None) -> str:
+def external_note(external: dict) -> str:
+    """The line about predictions made outside the pipeline (a ``kind: external`` entry): the
+    entry's note, else where they were read from."""
+    source = external.get("source") or "a file"
+    return external.get("note") or f"predictions made outside this pipeline, read from {source}"
+
+
+def run_note(run: str, sampling: dict | None = None, external: dict | None = None) -> str:
     """The report's line about a run: its model's note (from the model's spec), and for a
-    sampling variant (``<model>@<variant>``) the sampling settings it was predicted with."""
+    sampling variant (``<model>@<variant>``) the sampling settings it was predicted with;
+    for predictions made outside the pipeline (``external``: their source and note, from the
+    evaluation's summary), :func:`external_note`."""
+    if external is not None:
+        return external_note(external)
     model, variant = parse_run(run)
     spec = all_specs().get(model)
     note = spec.note if spec is not None else "a model this version of the benchmark does not know"
@@ -99,14 +110,16 @@ def run_note(run: str, sampling: dict | None = None) -> str:
     return note
 
 
-def _notes_html(models: list[str], sampling: dict[str, dict] | None = None) -> str:
+def _notes_html(models: list[str], sampling: dict[str, dict] | None = None,
+                external: dict[str, dict] | None = None) -> str:
     """Definitions of the metrics, the scores and the models of this report."""
     metrics = "".join(
         f"<dt>{html.escape(label)} <code>{html.escape(column)}</code></dt><dd>{html.escape(METRIC_NOTES[label])}</dd>"
         for label, column in PAPER_METRICS.items()
     )
     baselines = "".join(
-        f"<dt>{html.escape(name)}</dt><dd>{html.escape(run_note(name, (sampling or {}).get(name)))}</dd>"
+        f"<dt>{html.escape(name)}</dt><dd>"
+        f"{html.escape(run_note(name, (sampling or {}).get(name), (external or {}).get(name)))}</dd>"
         for name in models
     )
     return (
@@ -227,6 +240,7 @@ def render_report(
     diagnostics: tuple[pd.DataFrame, Path] | None = None,
     not_encoded: dict[str, list[dict]] | None = None,
     n_cells_no_counts: int | None = None,
+    external: dict[str, dict] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -251,6 +265,8 @@ def render_report(
         not_encoded: run -> the conditions (context, perturbation, reason) its model could
             not encode.
         n_cells_no_counts: cells preprocessing dropped for having no counts (None: unknown).
+        external: run -> source, sha256 and note of predictions made outside the pipeline
+            (``kind: external`` entries), printed in the notes instead of a spec's note.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -280,7 +296,7 @@ def render_report(
         _distribution_html(distribution),
         _generation_html(generation),
         _diagnostics_html(diagnostics),
-        _notes_html(models, sampling),
+        _notes_html(models, sampling, external),
         "<h2>Every cell-eval metric (mean over conditions)</h2>",
         f"<details><summary>show</summary>{_frame_html(full_metrics)}</details>",
     ]

@@ -12,14 +12,29 @@ DATASETS = sorted(config["datasets"])
 SPECS = all_specs()
 
 
+EXTERNAL = plan.external_models(config)  # `kind: external` entries: predictions made elsewhere
+
+
 def _all_runs():
     return sorted({run for d in DATASETS for run in plan.runs_of(config, d)})
 
 
+def _one_of(names):
+    """A wildcard constraint matching exactly these names (none: a regex matching nothing)."""
+    return "|".join(names) if names else "(?!)"
+
+
+# {model}: the registered models (fit and pre-train jobs); {run}: every run. The predict and
+# external_prediction rules, which both write predictions/{run}.h5ad, narrow {run} to their
+# own runs, so that Snakemake never finds two rules for one prediction.
+MODEL_RUNS = [r for r in _all_runs() if not plan.is_external(config, r)]
+EXTERNAL_RUNS = [r for r in _all_runs() if plan.is_external(config, r)]
+
+
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
-    model="|".join(sorted(config["models"])),
-    run="|".join(_all_runs()),
+    model=_one_of(sorted(m for m in config["models"] if m not in EXTERNAL)),
+    run=_one_of(_all_runs()),
 
 
 def entry(dataset):
@@ -33,6 +48,22 @@ def entry_json(dataset, with_prior=False):
 
 def models_of(dataset):
     return plan.models_of(config, dataset)
+
+
+def fitted_models_of(dataset):
+    """The dataset's registered models (those with fit jobs; no external entry)."""
+    return plan.fitted_models_of(config, dataset)
+
+
+def external_source(wildcards):
+    """The user's prediction file of an external entry (its `path` for this dataset); a
+    missing file stops the run when it is planned, with the entry and the fix."""
+    return plan.external_file(config, wildcards.run, wildcards.dataset, CONFIG_SOURCE)
+
+
+def split_seed(dataset):
+    """The seed of a dataset's split draws (its split's own, else the global seed)."""
+    return entry(dataset)["split"].get("seed", config["seed"])
 
 
 def runs_of(dataset):
@@ -163,6 +194,12 @@ def split_lists(dataset):
     return json.dumps(out, sort_keys=True)
 
 
+def export_files(dataset):
+    """The export folder of a dataset (`snakemake export`): what a model run elsewhere may see."""
+    names = ["train_counts.h5ad", "control_input.h5ad", "heldout_conditions.tsv", "features.tsv"]
+    return [f"{R}/{dataset}/export/{n}" for n in names] + [f"{R}/{dataset}/export/manifest.json"]
+
+
 def all_targets():
     targets = [f"{R}/{d}/report/report.html" for d in DATASETS]
     return targets + [f"{R}/index.html"]
@@ -171,14 +208,16 @@ def all_targets():
 def job_names(dataset):
     """Benchmark files the report's cost table reads (those that exist when it runs)."""
     names = ["preprocess", "split", "features", "truth"]
-    names += ["tokenize"] if any(SPECS[m].tokens for m in models_of(dataset)) else []
+    fitted = fitted_models_of(dataset)
+    names += ["tokenize"] if any(SPECS[m].tokens for m in fitted) else []
     if any(plan.uses_prior(config, r, dataset) for r in runs_of(dataset)):
         names += ["fetch_prior", "prior"]
-    for m in models_of(dataset):
+    for m in fitted:
         names += [f"pretrain_{m}"] if SPECS[m].pretrains else []
         names += [f"fit_{m}"]
     for r in runs_of(dataset):
-        names += [f"predict_{r}", f"evaluate_{r}"]
+        made = "external_prediction" if plan.is_external(config, r) else "predict"
+        names += [f"{made}_{r}", f"evaluate_{r}"]
     names += [f"generate_{r}" for r in generation_runs_of(dataset)]
     if generation_runs_of(dataset):
         names.append("generation_eval")

@@ -1,7 +1,8 @@
 # Models: (pre-train,) fit on the training cells, then predict every held-out condition once per
 # run (the model, and each of its sampling variants). Pre-train and fit get a model's training
 # settings only; predict gets the run's sampling settings, so a sampling change never retrains.
-# A model's config block may set threads, mem_mb and gpu (Snakemake resources).
+# A model's config block may set threads, mem_mb and gpu (Snakemake resources). An external
+# entry (`kind: external`) has none of these jobs: its file is checked and converted instead.
 
 
 rule tokenize:
@@ -100,6 +101,8 @@ rule predict:
         prior=prior_input,
     output:
         f"{R}/{{dataset}}/predictions/{{run}}.h5ad",
+    wildcard_constraints:
+        run=_one_of(MODEL_RUNS),
     params:
         sampling=lambda w: sampling_json(w.run, w.dataset),
         entry=lambda w, input: entry_json(w.dataset, with_prior=bool(input.prior)),
@@ -121,3 +124,33 @@ rule predict:
         "--model-file {input.model} --run {wildcards.run} --sampling {params.sampling:q} "
         "--entry {params.entry:q} --seed {params.seed} --threads {threads} {params.prior} "
         "--out {output} > {log} 2>&1"
+
+
+# Predictions made outside this pipeline (a `kind: external` entry): the user's file (never
+# modified) is checked against the truth and the split and written in the predict rule's format.
+rule external_prediction:
+    input:
+        source=external_source,
+        truth=f"{R}/{{dataset}}/truth.h5ad",
+        split=lambda w: split_files(w.dataset),
+    output:
+        f"{R}/{{dataset}}/predictions/{{run}}.h5ad",
+    wildcard_constraints:
+        run=_one_of(EXTERNAL_RUNS),
+    params:
+        values=lambda w: model_block(w.run)["values"],
+        note=lambda w: model_block(w.run).get("note", ""),
+        split=split_dir,
+    log:
+        f"{R}/{{dataset}}/logs/external_prediction_{{run}}.log",
+    benchmark:
+        f"{R}/{{dataset}}/benchmarks/external_prediction_{{run}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m lingshu external --source {input.source:q} --values {params.values} "
+        "--truth {input.truth} --split {params.split} --run {wildcards.run} "
+        "--note={params.note:q} --out {output} > {log} 2>&1"
