@@ -187,6 +187,13 @@ def cmd_evaluate(args) -> None:
                     ceiling=args.ceiling, seed=args.seed)
 
 
+def cmd_screening(args) -> None:
+    from lingshu.evaluate.screening import screening_job
+
+    screening_job(args.truth, _pairs(args.pred), args.table, args.effects,
+                  n_boot=args.bootstrap, seed=args.seed, ceiling=not args.no_ceiling)
+
+
 def cmd_report(args) -> None:
     from lingshu.jit_cache import enable_numba_cache
 
@@ -196,7 +203,8 @@ def cmd_report(args) -> None:
     build_report(dataset=args.dataset, eval_dirs=_pairs(args.eval), ceiling_dir=args.ceiling_dir,
                  truth_path=args.truth, pred_paths=_pairs(args.pred), outdir=args.outdir,
                  benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed,
-                 features_used=args.features_used, generation_dir=args.generation_dir)
+                 features_used=args.features_used, generation_dir=args.generation_dir,
+                 screening_dir=args.screening_dir)
 
 
 def cmd_index(args) -> None:
@@ -328,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", required=True)
     p.add_argument("--ceiling", action="store_true", help="estimate the data ceiling instead")
 
+    p = add("screening", cmd_screening, "score each run's screen of the held-out conditions "
+            "(does it find the strong hits?)", "seed")
+    p.add_argument("--truth", required=True)
+    p.add_argument("--pred", nargs="*", default=[], metavar="RUN=H5AD")
+    p.add_argument("--table", required=True, help="screening.tsv: scores per run and effect")
+    p.add_argument("--effects", required=True,
+                   help="screening_effects.tsv: predicted and measured effects per condition")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--no-ceiling", action="store_true", help="do not score the data ceiling")
+
     p = add("report", cmd_report, "tables, figures and the HTML page of one dataset", "seed")
     p.add_argument("--dataset", required=True)
     p.add_argument("--truth", required=True)
@@ -337,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", nargs="*", default=[])
     p.add_argument("--features-used", help="features_used.tsv of the features command")
     p.add_argument("--generation-dir", help="the generation/ folder (generation fidelity)")
+    p.add_argument("--screening-dir", help="the eval/ folder holding screening.tsv and "
+                   "screening_effects.tsv (the screening section)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--outdir", required=True)
 

@@ -14,6 +14,7 @@ from lingshu.report import figures
 from lingshu.report.diagnostics import draw_diagnostics, final_diagnostics, read_diagnostics
 from lingshu.report.generation import draw_generation
 from lingshu.report.html import render_report
+from lingshu.report.screening import draw_screening
 from lingshu.report.tables import (
     benchmark_table,
     context_scores,
@@ -58,6 +59,7 @@ def build_report(
     seed: int = 0,
     features_used: str | None = None,
     generation_dir: str | None = None,
+    screening_dir: str | None = None,
 ) -> None:
     """Build the report of one dataset into ``outdir``.
 
@@ -71,8 +73,8 @@ def build_report(
         outdir: receives ``table.tsv``, ``table.md``, ``full_metrics.tsv``, ``benchmarks.tsv``
             (when benchmark files are given), ``prediction_distribution.tsv``,
             ``figures/*.png``, ``generation/`` (with generation fidelity),
-            ``training_diagnostics.tsv`` (models that diagnose their training) and
-            ``report.html``.
+            ``training_diagnostics.tsv`` (models that diagnose their training),
+            ``screening.tsv`` (with ``screening_dir``) and ``report.html``.
         benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
         n_boot: bootstrap resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap (and of the plot jitter).
@@ -80,6 +82,9 @@ def build_report(
             each test condition got, the same for every model).
         generation_dir: the ``generation/`` folder of :func:`lingshu.evaluate.generation.
             evaluate_generation` (scores of generation fidelity), or None.
+        screening_dir: the folder holding ``screening.tsv`` and ``screening_effects.tsv`` of
+            :func:`lingshu.evaluate.screening.screening_job` (the "Screening" section,
+            ``screening.tsv`` and ``figures/screening.png``), or None.
     """
     out = Path(outdir)
     per_condition = load_per_condition(eval_dirs)
@@ -126,6 +131,7 @@ def build_report(
     generation = None
     if generation_dir is not None:
         generation = draw_generation(generation_dir, out / "generation", seed=seed)
+    screening = draw_screening(screening_dir, out) if screening_dir is not None else None
     diagnostics = read_diagnostics(pred_paths)
     diagnostics_png = None
     if len(diagnostics):
@@ -138,7 +144,7 @@ def build_report(
                          features, distribution=distribution, context_scores=by_context,
                          context_png=context_png, generation=generation, sampling=sampling,
                          not_encoded=not_encoded, n_cells_no_counts=n_no_counts,
-                         external=external,
+                         external=external, screening=screening,
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

@@ -10,6 +10,7 @@ import pandas as pd
 
 from lingshu.evaluate.perturbation import PAPER_METRICS
 from lingshu.models.spec import all_specs, parse_run
+from lingshu.report.screening import screening_html
 from lingshu.report.tables import (
     AVERAGE_RANK,
     AVERAGE_SCORE,
@@ -241,6 +242,7 @@ def render_report(
     not_encoded: dict[str, list[dict]] | None = None,
     n_cells_no_counts: int | None = None,
     external: dict[str, dict] | None = None,
+    screening: dict | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -267,6 +269,8 @@ def render_report(
         n_cells_no_counts: cells preprocessing dropped for having no counts (None: unknown).
         external: run -> source, sha256 and note of predictions made outside the pipeline
             (``kind: external`` entries), printed in the notes instead of a spec's note.
+        screening: what :func:`lingshu.report.screening.draw_screening` returns (the
+            "Screening" section), or None.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -293,6 +297,7 @@ def render_report(
         "<h2>Figures</h2>",
         *(_embed(f) for f in figures),
         _context_html(context_scores, context_png),
+        screening_html(screening, _embed),
         _distribution_html(distribution),
         _generation_html(generation),
         _diagnostics_html(diagnostics),

@@ -223,4 +223,5 @@ def job_names(dataset):
         names.append("generation_eval")
     if config["ceiling"]:
         names.append("ceiling")
+    names.append("screening")
     return [f"{R}/{dataset}/benchmarks/{n}.tsv" for n in names]

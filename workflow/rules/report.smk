@@ -13,9 +13,12 @@ rule report:
         generation=lambda w: (
             [f"{R}/{w.dataset}/generation/table.tsv"] if generation_runs_of(w.dataset) else []
         ),
+        screening=f"{R}/{{dataset}}/eval/screening.tsv",
+        screening_effects=f"{R}/{{dataset}}/eval/screening_effects.tsv",
     output:
         html=f"{R}/{{dataset}}/report/report.html",
         table=f"{R}/{{dataset}}/report/table.tsv",
+        screening=f"{R}/{{dataset}}/report/screening.tsv",
     params:
         evals=lambda w: " ".join(f"{r}={R}/{w.dataset}/eval/{r}" for r in runs_of(w.dataset)),
         preds=lambda w: " ".join(
@@ -27,6 +30,7 @@ rule report:
         generation=lambda w, input: (
             f"--generation-dir {os.path.dirname(input.generation[0])}" if input.generation else ""
         ),
+        screening=lambda w, input: os.path.dirname(input.screening),
         benchmarks=lambda w: " ".join(job_names(w.dataset)),
         outdir=lambda w: f"{R}/{w.dataset}/report",
         bootstrap=config["bootstrap"],
@@ -44,6 +48,7 @@ rule report:
         "python -m lingshu report --dataset {wildcards.dataset} --truth {input.truth} "
         "--eval {params.evals} --pred {params.preds} {params.ceiling} "
         "--features-used {input.features_used} {params.generation} "
+        "--screening-dir {params.screening} "
         "--benchmarks {params.benchmarks} --bootstrap {params.bootstrap} "
         "--seed {params.seed} --outdir {params.outdir} > {log} 2>&1"
 
