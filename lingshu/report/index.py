@@ -19,7 +19,13 @@ import pandas as pd
 from lingshu.evaluate.perturbation import PAPER_METRICS
 from lingshu.io import atomic_path, read_table
 from lingshu.models.spec import all_specs, parse_run
-from lingshu.report.tables import AVERAGE_RANK, AVERAGE_SCORE, CEILING_ROW, VCC_SCORE
+from lingshu.report.tables import (
+    AVERAGE_RANK,
+    AVERAGE_SCORE,
+    CEILING_ROW,
+    VCC_SCORE,
+    _number,
+)
 
 MEAN_RANK = "mean rank"  # a run's average rank, averaged over the datasets it ran on
 
@@ -36,10 +42,6 @@ td .score{color:#555;font-size:12px}
 td.best{font-weight:bold}
 ul.lost li{margin:.2em 0}
 """
-
-
-def _number(value: float, digits: int = 3) -> str:
-    return "—" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
 
 
 def _baselines() -> set[str]:
