@@ -194,6 +194,14 @@ def cmd_screening(args) -> None:
                   n_boot=args.bootstrap, seed=args.seed, ceiling=not args.no_ceiling)
 
 
+def cmd_screen(args) -> None:
+    from lingshu.evaluate.candidates import candidate_screen_job
+
+    candidate_screen_job(args.processed, args.split, args.features, args.model_file,
+                         _entry(args), args.run, _json(args.sampling), args.seed, args.threads,
+                         args.prior, args.out)
+
+
 def cmd_report(args) -> None:
     from lingshu.jit_cache import enable_numba_cache
 
@@ -204,7 +212,7 @@ def cmd_report(args) -> None:
                  truth_path=args.truth, pred_paths=_pairs(args.pred), outdir=args.outdir,
                  benchmark_files=args.benchmarks, n_boot=args.bootstrap, seed=args.seed,
                  features_used=args.features_used, generation_dir=args.generation_dir,
-                 screening_dir=args.screening_dir)
+                 screening_dir=args.screening_dir, screen_paths=_pairs(args.screen))
 
 
 def cmd_index(args) -> None:
@@ -346,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--no-ceiling", action="store_true", help="do not score the data ceiling")
 
+    p = add("screen", cmd_screen, "rank a dataset's screen candidates (no measured cells) by "
+            "one run's predicted effect", "processed", "split", "entry", "seed", "threads")
+    p.add_argument("--features", required=True, help="features.tsv of the features command")
+    p.add_argument("--model-file", required=True)
+    p.add_argument("--run", required=True, help="the run's name (<model> or <model>@<variant>)")
+    p.add_argument("--sampling", default="{}", help="JSON of the run's sampling settings")
+    p.add_argument("--prior", help="prior gene table of the prior command (prior injection)")
+    p.add_argument("--out", required=True, help="screen/<run>.tsv")
+
     p = add("report", cmd_report, "tables, figures and the HTML page of one dataset", "seed")
     p.add_argument("--dataset", required=True)
     p.add_argument("--truth", required=True)
@@ -357,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-dir", help="the generation/ folder (generation fidelity)")
     p.add_argument("--screening-dir", help="the eval/ folder holding screening.tsv and "
                    "screening_effects.tsv (the screening section)")
+    p.add_argument("--screen", nargs="*", default=[], metavar="RUN=TSV",
+                   help="each run's candidate screen (screen/<run>.tsv; the screen section)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--outdir", required=True)
 

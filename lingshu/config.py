@@ -33,6 +33,7 @@ _FIXES = {
     "propertyNames": "use a registered name (letters, digits, _ and - for a dataset)",
     "minProperties": "add at least one entry",
     "minimum": "give a larger value",
+    "minItems": "give at least one item",
     "maximum": "give a smaller value",
 }
 
@@ -121,8 +122,8 @@ class QC:
 class DatasetEntry:
     """One dataset of the config, validated and with every default filled.
 
-    ``source``, ``split`` and ``prior`` stay mappings (their variants are many and the schema
-    documents them); everything else is a field. Build it with :meth:`parse` (a raw entry as
+    ``source``, ``split``, ``prior`` and ``screen`` stay mappings (their variants are many and
+    the schema documents them); everything else is a field. Build it with :meth:`parse` (a raw entry as
     in a config file) or :meth:`from_json` (what the rules pass to the command line).
     """
 
@@ -142,6 +143,7 @@ class DatasetEntry:
     models: tuple[str, ...] | None = None
     model_params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    screen: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, name: str, raw: dict[str, Any], source: str = "config") -> DatasetEntry:
@@ -168,7 +170,8 @@ class DatasetEntry:
             perturbation_features=entry["perturbation_features"], prior=entry.get("prior"),
             models=tuple(entry["models"]) if entry.get("models") is not None else None,
             model_params=dict(entry.get("model_params") or {}),
-            description=entry.get("description", ""))
+            description=entry.get("description", ""),
+            screen=dict(entry["screen"]) if entry.get("screen") is not None else None)
 
     def to_json(self) -> str:
         """Compact JSON that :meth:`from_json` reads back (what the rules pass)."""
@@ -186,7 +189,8 @@ class DatasetEntry:
             raise InputError("command line: --entry needs the dataset's name and entry. Fix: "
                              "pass the JSON the rules pass")
         name = raw.pop("name")
-        raw = {k: v for k, v in raw.items() if not (v is None and k in ("prior", "models"))}
+        raw = {k: v for k, v in raw.items()
+               if not (v is None and k in ("prior", "models", "screen"))}
         if raw.get("description") == "":
             raw.pop("description")
         return cls.parse(name, raw, source="--entry")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lingshu.config import SCHEMA_PATH, DatasetEntry, error_message, load_schema, schema_errors
+from lingshu.constants import CONTROL
 from lingshu.errors import InputError
 from lingshu.models.spec import (
     VARIANT_NAME,
@@ -37,6 +38,8 @@ EXTERNAL = "external"  # the `kind` of a model entry whose predictions are made 
 EXTERNAL_KEYS = ("kind", "path", "values", "note")
 EXTERNAL_VALUES = ("counts", "log1p_cp10k")
 DATASET_PLACEHOLDER = "{dataset}"
+SCREEN_KEYS = ("candidates", "candidates_file", "contexts", "max_cells")
+CANDIDATE_KEYS = ("candidates", "candidates_file")  # what the features job needs of a screen
 
 
 def validate_config(config: dict, source: str = "config",
@@ -49,6 +52,7 @@ def validate_config(config: dict, source: str = "config",
     data not obtained yet).
     """
     _check_external(config, source)
+    _check_screens(config, source)
     names = model_names() + [m for m in _external_names(config) if m not in model_names()]
     errors = schema_errors(config, load_schema(schema_path, model_names=names))
     if errors:
@@ -176,6 +180,74 @@ def _check_external(config: dict, source: str) -> None:
                     f"one file per dataset)")
 
 
+def _labels_problem(values, what: str) -> str | None:
+    """What is wrong with a list of labels (None when nothing is)."""
+    if not isinstance(values, list):
+        return f"give a list of {what}, e.g. [GENE1, GENE2]"
+    if not values:
+        return "the list is empty"
+    odd = [v for v in values if not isinstance(v, str) or not v.strip()]
+    if odd:
+        return f"{odd[0]!r} is not a label (write each as text; quote numbers)"
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        return f"{twice[:8]} listed more than once"
+    return None
+
+
+def _check_screens(config: dict, source: str) -> None:
+    """Raise InputError for the first bad ``screen`` block of a dataset (run before the schema,
+    so that the message says what a screen takes). A candidate may be a perturbation the data
+    hold (the screen's table says its role in the split); whether it is a measured gene or has
+    features is known only once the data are read, and a candidate that has neither is listed
+    as not encoded, never an error."""
+    datasets = config.get("datasets")
+    for dataset, entry in (datasets.items() if isinstance(datasets, dict) else ()):
+        if not isinstance(entry, dict) or "screen" not in entry:
+            continue
+        where = f"{source}: datasets.{dataset}.screen"
+        screen = entry["screen"]
+        example = "e.g. `screen: {candidates: [GENE1, GENE2]}`"
+        if not isinstance(screen, dict):
+            raise InputError(f"{where}: give a mapping, {example}. Fix: list the candidates "
+                             f"under `candidates`, or remove `screen`")
+        unknown = sorted(set(screen) - set(SCREEN_KEYS))
+        if unknown:
+            raise InputError(f"{where}: {unknown} are not keys of a screen (it takes "
+                             f"{', '.join(SCREEN_KEYS)}). Fix: remove or rename them")
+        if screen.get("candidates") is None and not screen.get("candidates_file"):
+            raise InputError(f"{where}: no candidates. Fix: list them ({example}) or name a "
+                             f"file of them (`candidates_file: lists/candidates.txt`, one "
+                             f"label per line)")
+        if screen.get("candidates") is not None:
+            problem = _labels_problem(screen["candidates"], "candidate perturbations")
+            if problem:
+                raise InputError(f"{where}.candidates: {problem}. Fix: list each candidate "
+                                 f"perturbation once, {example}")
+            columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
+            controls = {CONTROL, str(columns.get("control", CONTROL))}
+            hit = [c for c in screen["candidates"] if c in controls]
+            if hit:
+                raise InputError(f"{where}.candidates: {hit[0]!r} is the control label, not a "
+                                 f"perturbation. Fix: remove it")
+        if "candidates_file" in screen and (not isinstance(screen["candidates_file"], str)
+                                            or not screen["candidates_file"].strip()):
+            raise InputError(f"{where}.candidates_file: {screen['candidates_file']!r} is not a "
+                             f"path. Fix: give the file's path (relative to the directory "
+                             f"Snakemake runs in), or remove the key")
+        if "contexts" in screen:
+            problem = _labels_problem(screen["contexts"], "contexts")
+            if problem:
+                raise InputError(f"{where}.contexts: {problem}. Fix: list each context once, "
+                                 f"or remove `contexts` to screen in every context with "
+                                 f"control cells")
+        cells = screen.get("max_cells", 1)
+        if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+            raise InputError(f"{where}.max_cells: {cells!r} is not a positive number of cells. "
+                             f"Fix: give the most cells to predict per candidate and context "
+                             f"(default 300)")
+
+
 def _check_cross_fields(config: dict, source: str) -> None:
     models = set(config["models"])
     for name, block in config["models"].items():
@@ -247,15 +319,33 @@ def dataset_entry(config: dict, dataset: str) -> DatasetEntry:
     return DatasetEntry.from_validated(dataset, config["datasets"][dataset])
 
 
-def entry_json(config: dict, dataset: str, with_prior: bool = False) -> str:
+def entry_json(config: dict, dataset: str, with_prior: bool = False,
+               screen: tuple[str, ...] = ()) -> str:
     """The dataset entry as the JSON a stage's ``--entry`` takes: what the data are, without
     which models run on them and with which parameters (the rules' business, never a stage's),
-    and without the ``prior`` block unless the job uses it. Snakemake re-runs a job when its
-    parameters change, so a job sees only what can change its output: editing a model's
-    settings, or the prior, never re-runs the split."""
+    without the ``prior`` block unless the job uses it, and with only the ``screen`` keys
+    named in ``screen`` (the features job: :data:`CANDIDATE_KEYS`; the screen job: all).
+    Snakemake re-runs a job when its parameters change, so a job sees only what can change its
+    output: editing a model's settings, the prior or the screen never re-runs the split."""
     entry = dataset_entry(config, dataset)
+    kept = {k: v for k, v in (entry.screen or {}).items() if k in screen}
     return replace(entry, models=None, model_params={}, description="",
-                   prior=entry.prior if with_prior else None).to_json()
+                   prior=entry.prior if with_prior else None,
+                   screen=kept if kept else None).to_json()
+
+
+def has_screen(config: dict, dataset: str) -> bool:
+    """Whether the dataset's entry lists screen candidates."""
+    return bool(config["datasets"][dataset].get("screen"))
+
+
+def screen_runs_of(config: dict, dataset: str) -> list[str]:
+    """The runs that screen the dataset's candidates: every run of a registered model (an
+    external entry's predictions cover the held-out conditions only); none without a
+    screen."""
+    if not has_screen(config, dataset):
+        return []
+    return [r for r in runs_of(config, dataset) if not is_external(config, r)]
 
 
 def models_of(config: dict, dataset: str) -> list[str]:

@@ -85,6 +85,52 @@ def test_schema_errors_name_the_field_and_the_fix(mutate, field, words):
     assert msg.startswith("my.yaml: ") and field in msg and words in msg and "Fix:" in msg
 
 
+def _screen(**screen):
+    return lambda c: c["datasets"]["sim_genetic"].update(screen=screen)
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (_screen(candidates=[]), "datasets.sim_genetic.screen.candidates", "the list is empty"),
+    (_screen(), "datasets.sim_genetic.screen", "no candidates"),
+    (_screen(candidates=["GENE00001", "GENE00002", "GENE00001"]),
+     "datasets.sim_genetic.screen.candidates", "['GENE00001'] listed more than once"),
+    (_screen(candidates=["GENE00001", 7]), "datasets.sim_genetic.screen.candidates",
+     "7 is not a label"),
+    (_screen(candidates="GENE00001"), "datasets.sim_genetic.screen.candidates",
+     "give a list"),
+    (_screen(candidates=["control"]), "datasets.sim_genetic.screen.candidates",
+     "'control' is the control label"),
+    (_screen(candidates=["GENE00001"], top_k=5), "datasets.sim_genetic.screen",
+     "['top_k'] are not keys of a screen"),
+    (_screen(candidates=["GENE00001"], contexts=[]), "datasets.sim_genetic.screen.contexts",
+     "the list is empty"),
+    (_screen(candidates=["GENE00001"], max_cells=0), "datasets.sim_genetic.screen.max_cells",
+     "not a positive number"),
+    (_screen(candidates_file=""), "datasets.sim_genetic.screen", "no candidates"),
+    (lambda c: c["datasets"]["sim_genetic"].update(screen=["GENE00001"]),
+     "datasets.sim_genetic.screen", "give a mapping"),
+])
+def test_screen_errors_name_the_field_and_the_fix(mutate, field, words):
+    with pytest.raises(InputError) as info:
+        validate_config(_break(mutate), "my.yaml")
+    msg = str(info.value)
+    assert msg.startswith(f"my.yaml: {field}: ") and words in msg and "Fix:" in msg, msg
+
+
+def test_a_screen_is_optional_and_gets_its_defaults():
+    cfg = _default()
+    validate_config(cfg)
+    screen = cfg["datasets"]["sim_genetic"]["screen"]
+    assert screen["max_cells"] == 100 and "GENE01001" in screen["candidates"]
+    assert "screen" not in cfg["datasets"]["sim_stimulation"]
+    cfg = _break(_screen(candidates_file="lists/candidates.txt"))  # read by the jobs, not here
+    validate_config(cfg)
+    assert cfg["datasets"]["sim_genetic"]["screen"]["max_cells"] == 300
+    entry = DatasetEntry.from_validated("sim_genetic", cfg["datasets"]["sim_genetic"])
+    assert DatasetEntry.from_json(entry.to_json()) == entry
+    assert entry.screen == {"candidates_file": "lists/candidates.txt", "max_cells": 300}
+
+
 def test_validation_does_not_touch_a_valid_config_beyond_defaults():
     cfg = _default()
     before = copy.deepcopy(cfg)

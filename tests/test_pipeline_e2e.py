@@ -31,6 +31,8 @@ TINY = {
                         "context": "cell_type", "batch": "donor"},
             "split": {"kind": "heldout_perturbations", "n_test_perturbations": 2,
                       "max_reference_cells": 60},
+            # Two measured genes and a label that is neither a gene nor has features.
+            "screen": {"candidates": ["GENE00010", "GENE00020", "NOTAGENE"], "max_cells": 20},
         },
     },
     "models": {"control_mean": {}, "perturbation_mean": {}, "linear": {"ridge": 0.1},
@@ -90,6 +92,19 @@ def test_tiny_pipeline_end_to_end_and_rerun_is_identical(tmp_path):
                  "fit_lingshu", "fit_state", "predict_state", "pretrain_scldm", "fit_scldm"):
         assert (ds / "benchmarks" / f"{rule}.tsv").exists()
         assert (ds / "logs" / f"{rule}.log").exists()
+    # The candidate screen: every run lists every candidate in every context; NOTAGENE and
+    # every candidate of the models that ignore the perturbation are listed as not encoded.
+    for run in set(table["model"]) - {"data ceiling"}:
+        screen = pd.read_csv(ds / "screen" / f"{run}.tsv", sep="\t")
+        assert len(screen) == 3 * screen["context"].nunique() and screen["context"].nunique() == 2
+        assert set(screen["perturbation"]) == {"GENE00010", "GENE00020", "NOTAGENE"}, run
+        ranked = screen["status"] == "ranked"
+        if run in ("control_mean", "perturbation_mean"):
+            assert not ranked.any(), run
+        else:
+            assert set(screen.loc[ranked, "perturbation"]) == {"GENE00010", "GENE00020"}, run
+            assert (screen.loc[ranked, "n_cells"] == 20).all(), run
+    assert "Candidate screen" in (ds / "report" / "report.html").read_text()
     summaries = {m: json.loads((ds / "eval" / m / "summary.json").read_text())["metrics"]
                  for m in ("linear", "lingshu", "state", "scldm")}
 

@@ -139,3 +139,20 @@ def test_an_external_entry_is_one_run_with_no_training_or_generation():
     with pytest.raises(Exception, match=r"models\.mine\.path: 'preds/\{dataset\}\.h5ad' for "
                                         r"dataset 'sim_genetic' .* does not exist"):
         plan.external_file(cfg, "mine", "sim_genetic", "my.yaml")
+
+
+def test_the_screen_reaches_the_features_and_screen_jobs_only():
+    cfg = _config(variants={"w0": {"guidance": 0.0}})
+    cfg["models"]["mine"] = {"kind": "external", "path": "p/{dataset}.h5ad", "values": "counts"}
+    plan.validate_config(cfg)
+    # The split (and every other stage) never sees the screen: editing it never re-splits.
+    assert json.loads(plan.entry_json(cfg, "sim_genetic"))["screen"] is None
+    features = json.loads(plan.entry_json(cfg, "sim_genetic", screen=plan.CANDIDATE_KEYS))
+    assert set(features["screen"]) == {"candidates"}  # max_cells never re-runs the features
+    full = json.loads(plan.entry_json(cfg, "sim_genetic", screen=plan.SCREEN_KEYS))
+    assert full["screen"]["max_cells"] == 100
+    # Every run of a registered model screens (variants too); external entries do not.
+    assert plan.screen_runs_of(cfg, "sim_genetic") == [
+        r for r in plan.runs_of(cfg, "sim_genetic") if r != "mine"]
+    assert "lingshu@w0" in plan.screen_runs_of(cfg, "sim_genetic")
+    assert plan.screen_runs_of(cfg, "sim_stimulation") == []

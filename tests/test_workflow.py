@@ -55,6 +55,26 @@ def test_dataset_model_params_reach_that_dataset_only(tmp_path):
     assert len(settings) == 1
 
 
+def test_the_candidate_screen_plans_one_job_per_run_of_a_dataset_with_a_screen(tmp_path):
+    # The default config screens candidates in sim_genetic only.
+    run = _snakemake("-n", "-p", "--config", f"results_dir={tmp_path}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    screens = [line for line in run.stdout.splitlines() if "lingshu screen " in line]
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert "screen" in cfg["datasets"]["sim_genetic"]
+    assert "screen" not in cfg["datasets"]["sim_stimulation"]
+    assert len(screens) == len(cfg["models"])
+    assert all("/sim_genetic/" in line for line in screens)
+    outputs = {re.search(r"--out (\S+)", line).group(1) for line in screens}
+    assert outputs == {f"{tmp_path}/sim_genetic/screen/{m}.tsv" for m in cfg["models"]}
+    report = next(line for line in run.stdout.splitlines()
+                  if "lingshu report" in line and "--dataset sim_genetic" in line)
+    assert "--screen control_mean=" in report
+    assert f" linear={tmp_path}/sim_genetic/screen/linear.tsv" in report
+    assert not any("screen/" in line for line in run.stdout.splitlines()
+                   if "lingshu report" in line and "--dataset sim_stimulation" in line)
+
+
 def test_a_bad_config_stops_before_any_job(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["datasets"]["sim_genetic"]["split"]["kind"] = "sideways"

@@ -26,6 +26,7 @@ def slurm_test_config(results_dir: str) -> dict:
     config["ceiling"] = False
     for entry in config["datasets"].values():
         entry["split"]["reference_fraction"] = 0  # no generation fidelity jobs
+        entry.pop("screen", None)  # no candidate screen jobs
     config["results_dir"] = results_dir
     return config
 

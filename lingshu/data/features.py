@@ -11,7 +11,9 @@ For each perturbation label, in order of preference:
 
 The table is computed once per dataset from training cells only, so no held-out cell shapes it
 (:func:`compute_features`, the ``features`` rule), together with the table of which features
-each test condition got (:func:`condition_features`).
+each test condition got (:func:`condition_features`). Its rows are every perturbation of the
+data and the candidates of the dataset's screen (:mod:`lingshu.data.candidates`), so that
+every model is fitted knowing each label it may be asked about.
 """
 
 from __future__ import annotations
@@ -140,15 +142,20 @@ def feature_matrix(table: pd.DataFrame | None, labels: list[str]) -> np.ndarray:
 
 def compute_features(adata: ad.AnnData, split: Split, entry: DatasetEntry, n_components: int,
                      seed: int) -> pd.DataFrame:
-    """Perturbation features of every perturbation of ``adata``, from training cells only.
+    """Perturbation features of every perturbation of ``adata``, and of the candidates of the
+    entry's screen (:func:`lingshu.data.candidates.screen_candidates`; rows after the data's),
+    from training cells only.
 
     adata: the processed data (may be backed: only the training cells the gene embedding
     samples are read, :func:`embedding_rows`).
     """
+    from lingshu.data.candidates import screen_candidates
+
     train = split.rows(SPLIT_TRAIN, adata.obs_names)
     train = train[embedding_rows(train.size, seed)]
+    labels = sorted(set(adata.obs[PERT_COL].astype(str)))
     return perturbation_features(
-        perturbations=sorted(set(adata.obs[PERT_COL].astype(str))),
+        perturbations=labels + [c for c in screen_candidates(entry) if c not in labels],
         genes=adata.var_names.to_numpy(),
         train_log=log1p_cp10k(read_rows(adata, train)),
         perturbation_type=entry.perturbation_type,

@@ -126,7 +126,10 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
     if include_control_input:
         train = np.union1d(train, split.rows(SPLIT_CONTROL_INPUT))
     cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
-    labels = sorted(set(adata.obs[PERT_COL].astype(str)))
+    # Every label a model may be asked about: the data's, and those only the feature table
+    # knows (a screen's candidates, lingshu.data.candidates), so that each has its targets.
+    labels = sorted(set(adata.obs[PERT_COL].astype(str))
+                    | (set(map(str, features.index)) if features is not None else set()))
 
     def cells(rows: np.ndarray, validation=None) -> TrainingData:
         return TrainingData(
@@ -207,8 +210,10 @@ def fit_job(processed: str, split_dir: str, features: str, entry: DatasetEntry, 
 def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split, seed: int,
                        progress: bool = True, prior: dict[str, list[str]] | None = None,
                        run: str | None = None,
-                       sampling: dict[str, Any] | None = None) -> ad.AnnData:
-    """Predict every test condition of the split.
+                       sampling: dict[str, Any] | None = None,
+                       conditions: pd.DataFrame | None = None,
+                       control_rows: dict[str, np.ndarray] | None = None) -> ad.AnnData:
+    """Predict every test condition of the split (or the given ``conditions``).
 
     Each condition gets as many cells as the truth holds for it; the model sees that context's
     control input cells (raw counts) and, with a ``prior`` (perturbation -> genes), the
@@ -216,10 +221,15 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
     the processed data's gene order, obs ``perturbation`` and ``context``; ``uns['lingshu']``
     records the model, the run, its sampling settings and the time taken, and (as JSON, under
     ``not_encoded``) the conditions the model could not encode, which get no cells.
+
+    conditions: (context, perturbation, n_cells) rows to predict instead of the split's test
+        conditions (a candidate screen, :mod:`lingshu.evaluate.candidates`).
+    control_rows: context -> rows of ``adata`` handed to the model as that context's control
+        cells, instead of the split's control input cells.
     """
     ctrl_rows = split.rows(SPLIT_CONTROL_INPUT, adata.obs_names)
     ctrl_context = split.cells[CONTEXT_COL].to_numpy()[ctrl_rows]
-    conditions = split.test_conditions()
+    conditions = split.test_conditions() if conditions is None else conditions
     blocks, obs_rows = [], []
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -227,7 +237,9 @@ def predict_conditions(model: PerturbationModel, adata: ad.AnnData, split: Split
     for row in conditions.itertuples(index=False):
         ctx, pert, n = getattr(row, CONTEXT_COL), getattr(row, PERT_COL), int(row.n_cells)
         if ctx not in controls_of:
-            controls_of[ctx] = read_rows(adata, ctrl_rows[ctrl_context == ctx])
+            rows = (ctrl_rows[ctrl_context == ctx] if control_rows is None
+                    else np.asarray(control_rows[ctx]))
+            controls_of[ctx] = read_rows(adata, rows)
         inputs.append(ConditionInput(ctx, pert, controls_of[ctx], n,
                                      prior_genes=tuple((prior or {}).get(pert, ()))))
     outputs = iter(model.predict_many(inputs, rng, progress=progress))

@@ -57,6 +57,9 @@ class ModelSpec:
     fit_keys: training keys only the fit stage reads (its pre-train job neither gets nor
         hashes them).
     baseline: a reference baseline (the front page lists the runs each baseline beat).
+    reads_perturbation: its prediction depends on the perturbation asked about. False for a
+        model that predicts the same cells for every perturbation of a context (a candidate
+        screen lists every candidate as not encoded for it rather than rank sampling noise).
     """
 
     name: str
@@ -71,6 +74,7 @@ class ModelSpec:
     generation_keys: frozenset[str] = field(default_factory=frozenset)
     fit_keys: frozenset[str] = field(default_factory=frozenset)
     baseline: bool = False
+    reads_perturbation: bool = True
 
     def __post_init__(self) -> None:
         if self.generates_from not in (None, "pretrain", "fit"):

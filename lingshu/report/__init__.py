@@ -11,6 +11,7 @@ from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.evaluate.perturbation import DISTRIBUTION, read_summary
 from lingshu.io import atomic_path, read_table, write_table
 from lingshu.report import figures
+from lingshu.report.candidates import draw_candidate_screen
 from lingshu.report.diagnostics import draw_diagnostics, final_diagnostics, read_diagnostics
 from lingshu.report.generation import draw_generation
 from lingshu.report.html import render_report
@@ -60,6 +61,7 @@ def build_report(
     features_used: str | None = None,
     generation_dir: str | None = None,
     screening_dir: str | None = None,
+    screen_paths: dict[str, str] | None = None,
 ) -> None:
     """Build the report of one dataset into ``outdir``.
 
@@ -74,7 +76,8 @@ def build_report(
             (when benchmark files are given), ``prediction_distribution.tsv``,
             ``figures/*.png``, ``generation/`` (with generation fidelity),
             ``training_diagnostics.tsv`` (models that diagnose their training),
-            ``screening.tsv`` (with ``screening_dir``) and ``report.html``.
+            ``screening.tsv`` (with ``screening_dir``), ``candidate_screen.tsv`` (with
+            ``screen_paths``) and ``report.html``.
         benchmark_files: Snakemake ``benchmark:`` TSVs to tabulate (wall time, peak memory).
         n_boot: bootstrap resamples for the 95% intervals (0: none).
         seed: seed of the bootstrap (and of the plot jitter).
@@ -85,6 +88,9 @@ def build_report(
         screening_dir: the folder holding ``screening.tsv`` and ``screening_effects.tsv`` of
             :func:`lingshu.evaluate.screening.screening_job` (the "Screening" section,
             ``screening.tsv`` and ``figures/screening.png``), or None.
+        screen_paths: run -> its candidate screen (``screen/<run>.tsv`` of
+            :func:`lingshu.evaluate.candidates.candidate_screen_job`): the "Candidate screen"
+            section and ``candidate_screen.tsv``; None or empty without a screen.
     """
     out = Path(outdir)
     per_condition = load_per_condition(eval_dirs)
@@ -132,6 +138,7 @@ def build_report(
     if generation_dir is not None:
         generation = draw_generation(generation_dir, out / "generation", seed=seed)
     screening = draw_screening(screening_dir, out) if screening_dir is not None else None
+    candidate_screen = draw_candidate_screen(screen_paths or {}, out)
     diagnostics = read_diagnostics(pred_paths)
     diagnostics_png = None
     if len(diagnostics):
@@ -145,6 +152,7 @@ def build_report(
                          context_png=context_png, generation=generation, sampling=sampling,
                          not_encoded=not_encoded, n_cells_no_counts=n_no_counts,
                          external=external, screening=screening,
+                         candidate_screen=candidate_screen,
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

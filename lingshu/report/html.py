@@ -10,6 +10,7 @@ import pandas as pd
 
 from lingshu.evaluate.perturbation import PAPER_METRICS
 from lingshu.models.spec import all_specs, parse_run
+from lingshu.report.candidates import candidate_screen_html
 from lingshu.report.screening import screening_html
 from lingshu.report.tables import (
     AVERAGE_RANK,
@@ -243,6 +244,7 @@ def render_report(
     n_cells_no_counts: int | None = None,
     external: dict[str, dict] | None = None,
     screening: dict | None = None,
+    candidate_screen: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -271,6 +273,8 @@ def render_report(
             (``kind: external`` entries), printed in the notes instead of a spec's note.
         screening: what :func:`lingshu.report.screening.draw_screening` returns (the
             "Screening" section), or None.
+        candidate_screen: every run's candidate screen
+            (:func:`lingshu.report.candidates.draw_candidate_screen`), or None without one.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -298,6 +302,7 @@ def render_report(
         *(_embed(f) for f in figures),
         _context_html(context_scores, context_png),
         screening_html(screening, _embed),
+        candidate_screen_html(candidate_screen),
         _distribution_html(distribution),
         _generation_html(generation),
         _diagnostics_html(diagnostics),

@@ -41,9 +41,10 @@ def entry(dataset):
     return config["datasets"][dataset]
 
 
-def entry_json(dataset, with_prior=False):
-    """The typed dataset entry as JSON (the CLI's --entry): the data's description only."""
-    return plan.entry_json(config, dataset, with_prior)
+def entry_json(dataset, with_prior=False, screen=()):
+    """The typed dataset entry as JSON (the CLI's --entry): the data's description only (and
+    the keys ``screen`` names of the entry's screen block)."""
+    return plan.entry_json(config, dataset, with_prior, screen)
 
 
 def models_of(dataset):
@@ -194,6 +195,26 @@ def split_lists(dataset):
     return json.dumps(out, sort_keys=True)
 
 
+def screen_lists(dataset):
+    """A digest of the screen's candidates file (or "absent"; "" without one), so that editing
+    the file re-runs the jobs that read it; it is not an input, so the plan needs none."""
+    path = (entry(dataset).get("screen") or {}).get("candidates_file")
+    if not path:
+        return ""
+    if not os.path.isfile(path):
+        return "absent"
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def screen_runs_of(dataset):
+    """The runs that rank the dataset's screen candidates (none without a `screen`)."""
+    return plan.screen_runs_of(config, dataset)
+
+
+def screen_files(dataset):
+    return [f"{R}/{dataset}/screen/{r}.tsv" for r in screen_runs_of(dataset)]
+
+
 def export_files(dataset):
     """The export folder of a dataset (`snakemake export`): what a model run elsewhere may see."""
     names = ["train_counts.h5ad", "control_input.h5ad", "heldout_conditions.tsv", "features.tsv"]
@@ -202,6 +223,7 @@ def export_files(dataset):
 
 def all_targets():
     targets = [f"{R}/{d}/report/report.html" for d in DATASETS]
+    targets += [f for d in DATASETS for f in screen_files(d)]
     return targets + [f"{R}/index.html"]
 
 
@@ -224,4 +246,5 @@ def job_names(dataset):
     if config["ceiling"]:
         names.append("ceiling")
     names.append("screening")
+    names += [f"screen_{r}" for r in screen_runs_of(dataset)]
     return [f"{R}/{dataset}/benchmarks/{n}.tsv" for n in names]

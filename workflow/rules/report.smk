@@ -15,6 +15,7 @@ rule report:
         ),
         screening=f"{R}/{{dataset}}/eval/screening.tsv",
         screening_effects=f"{R}/{{dataset}}/eval/screening_effects.tsv",
+        screen=lambda w: screen_files(w.dataset),
     output:
         html=f"{R}/{{dataset}}/report/report.html",
         table=f"{R}/{{dataset}}/report/table.tsv",
@@ -31,6 +32,9 @@ rule report:
             f"--generation-dir {os.path.dirname(input.generation[0])}" if input.generation else ""
         ),
         screening=lambda w, input: os.path.dirname(input.screening),
+        screen=lambda w: " ".join(
+            f"{r}={R}/{w.dataset}/screen/{r}.tsv" for r in screen_runs_of(w.dataset)
+        ),
         benchmarks=lambda w: " ".join(job_names(w.dataset)),
         outdir=lambda w: f"{R}/{w.dataset}/report",
         bootstrap=config["bootstrap"],
@@ -48,7 +52,7 @@ rule report:
         "python -m lingshu report --dataset {wildcards.dataset} --truth {input.truth} "
         "--eval {params.evals} --pred {params.preds} {params.ceiling} "
         "--features-used {input.features_used} {params.generation} "
-        "--screening-dir {params.screening} "
+        "--screening-dir {params.screening} --screen {params.screen} "
         "--benchmarks {params.benchmarks} --bootstrap {params.bootstrap} "
         "--seed {params.seed} --outdir {params.outdir} > {log} 2>&1"
 

@@ -55,7 +55,9 @@ rule features:
         features=f"{R}/{{dataset}}/features.tsv",
         used=f"{R}/{{dataset}}/features_used.tsv",
     params:
-        entry=lambda w: entry_json(w.dataset),
+        # A screen's candidates get features too (so every model is fitted knowing them).
+        entry=lambda w: entry_json(w.dataset, screen=plan.CANDIDATE_KEYS),
+        candidates=lambda w: screen_lists(w.dataset),
         split=split_dir,
         seed=config["seed"],
     log:

@@ -9,6 +9,7 @@ SPECS = (
         note="predicts no effect: the context's real control cells, resampled, so its "
         "pseudobulk is the control pseudobulk. Reference of the paper's average score.",
         baseline=True,
+        reads_perturbation=False,
     ),
     ModelSpec(
         name="perturbation_mean",
@@ -17,6 +18,7 @@ SPECS = (
         "cell-mean baseline): the average effect, the same for every perturbation. Reference of "
         "the VCC score.",
         baseline=True,
+        reads_perturbation=False,
     ),
     ModelSpec(
         name="linear",
