@@ -174,3 +174,19 @@ def test_selected_logits_equal_the_full_logits_at_those_genes():
             part = net(tokens, select=select, **kw)
         assert part.shape == (int(select.sum()), N_EXPR_TOKENS)
         torch.testing.assert_close(part, full[select], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_cond_broadcast_lets_gene_groups_see_the_condition_without_attention(broadcast):
+    """With attention's output zeroed, gene groups can read the condition tokens only when
+    ``cond_broadcast`` adds them to every group token."""
+    net = conditional(cond_broadcast=broadcast)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.attn.out.weight.zero_()
+        net.context_emb.weight.normal_(0, 1.0)
+    tokens = torch.full((1, G), MASK_TOKEN)
+    pert = torch.tensor([1])
+    a = net(tokens, context=torch.tensor([0]), perturbation=pert)
+    b = net(tokens, context=torch.tensor([1]), perturbation=pert)
+    assert (not torch.allclose(a, b)) == broadcast

@@ -53,10 +53,9 @@ def test_pretraining_never_sees_fine_tuning_settings():
 
 def test_a_variant_samples_on_top_of_the_base_settings():
     cfg = _config(variants={"w3": {"guidance": 3.0}})
-    assert plan.sampling_params(cfg, "lingshu", "sim_genetic") == {"guidance": 1.0,
-                                                                   "sample_steps": 3}
-    assert plan.sampling_params(cfg, "lingshu@w3", "sim_genetic") == {"guidance": 3.0,
-                                                                      "sample_steps": 3}
+    base = {"guidance": 1.0, "sample_steps": 3, "unconditional_steps": 64}
+    assert plan.sampling_params(cfg, "lingshu", "sim_genetic") == base
+    assert plan.sampling_params(cfg, "lingshu@w3", "sim_genetic") == {**base, "guidance": 3.0}
     assert plan.sampling_params(cfg, "linear", "sim_genetic") == {}
     with pytest.raises(KeyError, match="no sampling variant 'w4'"):
         plan.sampling_params(cfg, "lingshu@w4", "sim_genetic")

@@ -47,6 +47,10 @@ class NetworkConfig:
     n_contexts: int = 0  # 0 = unconditional (no condition tokens)
     n_perturbations: int = 0  # identity table size, index 0 = "unknown"; 0 = unconditional
     pert_feature_dim: int = 0  # width of optional perturbation feature vectors (SPEC 1.2a)
+    # ours, not the paper's: the two condition embeddings are also added to every gene-group
+    # token (besides being prepended), so that each group sees its condition from the first
+    # layer rather than only once attention has learnt to look at two positions of many
+    cond_broadcast: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     seed: int = 0  # seed of the fixed gene permutation
@@ -307,6 +311,8 @@ class LingshuNetwork(nn.Module):
             if context is None or perturbation is None:
                 raise ValueError("a conditional network needs `context` and `perturbation` (B,) long tensors")
             cond = self.condition_tokens(context, perturbation, pert_features, target_genes)  # (B, 2, D)
+            if cfg.cond_broadcast:
+                x = x + cond.sum(1, keepdim=True).to(x.dtype)  # (B, G/S, D)
             x = torch.cat([cond.to(x.dtype), x], dim=1)  # (B, 2 + G/S, D)
             start = 0
         else:
