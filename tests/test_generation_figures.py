@@ -161,3 +161,25 @@ def test_evaluation_writes_scores_and_the_report_draws_the_figures(tmp_path):
     assert "model_a" in figs.to_markdown(drawn)
     assert sorted(p.name for p in gen_dir.iterdir()) == [  # the scores are left as they were
         "cell_types.tsv", "model_a.h5ad", "reference.h5ad", "table.tsv"]
+
+
+def test_the_table_gives_library_size_and_detected_genes_beside_the_reference(tmp_path):
+    """Each set's median library size and mean detected genes per cell, counted from its
+    counts; the reference's own values in the Markdown column titles."""
+    from lingshu.evaluate.generation import REAL_REFERENCE, count_profile
+    from lingshu.io import read_table
+
+    cells = ad.AnnData(X=np.zeros((3, 4), np.float32))
+    cells.layers["counts"] = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 0, 5],
+                                                     [3, 3, 3, 3]], np.float32))
+    assert count_profile(cells) == pytest.approx({"library_size": 5.0, "detected_genes": 7 / 3})
+    assert all(np.isnan(v) for v in count_profile(ad.AnnData(np.ones((2, 2)))).values())
+
+    gen_dir = tmp_path / "generation"
+    make_generation_dir(gen_dir)
+    table = read_table(gen_dir / "table.tsv")
+    ref = table[table["model"] == REAL_REFERENCE].iloc[0]
+    assert ref["library_size"] > 0 and ref["detected_genes"] > 0
+    md = figs.to_markdown(table)
+    assert f"median library size (reference {ref['library_size']:,.0f})" in md
+    assert f"detected genes (reference {ref['detected_genes']:,.0f})" in md

@@ -51,12 +51,24 @@ def _real(adata: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
     return out
 
 
+def count_profile(cells: ad.AnnData) -> dict[str, float]:
+    """Median library size (total counts) and mean number of detected genes (count > 0) per
+    cell, from ``layers['counts']``; NaN for both when the cells carry no counts."""
+    counts = cells.layers.get("counts") if cells.layers is not None else None
+    if counts is None or cells.n_obs == 0:
+        return {"library_size": np.nan, "detected_genes": np.nan}
+    counts = sp.csr_matrix(counts)
+    return {"library_size": float(np.median(np.asarray(counts.sum(axis=1)).ravel())),
+            "detected_genes": float(np.mean(np.diff((counts > 0).tocsr().indptr)))}
+
+
 def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, str],
                         outdir: str | Path, seed: int = 0) -> pd.DataFrame:
     """Score every run's generated cells against the reference cells.
 
     adata: the processed data (raw counts); generated: run -> generation/<run>.h5ad.
-    Writes into ``outdir``: ``table.tsv`` (one row per run, then the sampling floor and the
+    Writes into ``outdir``: ``table.tsv`` (one row per run with the fidelity metrics and each
+    set's median library size and mean detected genes per cell, then the sampling floor and the
     reference cells' cell-type shares as the same classifier labels them, which every row's
     ``celltype_tvd`` is measured against), ``cell_types.tsv`` (the cell type the real-cell
     classifier gives each generated cell: run, cell, cell_type) and ``reference.h5ad`` (the
@@ -99,14 +111,14 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
                                         CELL_TYPE: np.asarray(props["predicted_labels"])}))
         rows.append({"model": name, **{k: metrics.get(k, np.nan) for k in TABLE_COLUMNS},
                      "celltype_accuracy": metrics.get("celltype_accuracy", np.nan),
-                     "n_cells": cells.n_obs,
+                     "n_cells": cells.n_obs, **count_profile(cells),
                      "generate_seconds": cells.uns.get("lingshu", {}).get("generate_seconds",
                                                                           np.nan),
                      **{f"share {k}": v for k, v in sorted(props["generated"].items())}})
         log.info("%s scored in %.1f s: %s", name, time.perf_counter() - start, rows[-1])
     real_shares = celltype_proportions(clf.X, clf.obs[CELL_TYPE].to_numpy(), reference.X,
                                        ref_labels, reference.X, seed=seed)["real"]
-    rows.append({"model": REAL_REFERENCE, "n_cells": reference.n_obs,
+    rows.append({"model": REAL_REFERENCE, "n_cells": reference.n_obs, **count_profile(reference),
                  **{f"share {k}": v for k, v in sorted(real_shares.items())}})
     table = pd.DataFrame(rows)
     write_table(table, out / TABLE)

@@ -403,6 +403,14 @@ def to_markdown(table: pd.DataFrame) -> str:
         best = (scored.idxmax() if higher else scored.idxmin()) if len(scored) else None
         shown[title] = [("**{:.4f}**" if i == best else "{:.4f}").format(v)
                         if np.isfinite(v) else "—" for i, v in values.items()]
+    ref = table[table["model"] == REAL_REFERENCE]
+    for column, title in (("library_size", "median library size"),
+                          ("detected_genes", "detected genes")):
+        if column not in table:  # tables written before these columns existed
+            continue
+        real = float(ref[column].iloc[0]) if len(ref) else np.nan
+        head = f"{title} (reference {real:,.0f})" if np.isfinite(real) else title
+        shown[head] = [f"{v:,.0f}" if np.isfinite(v) else "—" for v in models[column]]
     shown["cells"] = models["n_cells"].astype(int).astype(str)
     shown["generation (s)"] = [f"{v:.1f}" if np.isfinite(v) else "—"
                                for v in models["generate_seconds"]]
