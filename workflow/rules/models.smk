@@ -6,6 +6,9 @@
 
 
 rule tokenize:
+    # the long chains (Lingshu-Cell's tokens -> pre-training -> fine-tuning) start first, so
+    # that short jobs fill the cores at the end rather than wait behind them
+    priority: 10
     input:
         f"{R}/{{dataset}}/processed.h5ad",
     output:
@@ -24,6 +27,7 @@ rule tokenize:
 
 
 rule pretrain_model:
+    priority: 10  # see tokenize
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
         split=lambda w: split_files(w.dataset),
@@ -57,6 +61,7 @@ rule pretrain_model:
 
 
 rule fit_model:
+    priority: 10  # see tokenize
     input:
         processed=f"{R}/{{dataset}}/processed.h5ad",
         split=lambda w: split_files(w.dataset),
