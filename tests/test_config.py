@@ -121,7 +121,7 @@ def test_a_screen_is_optional_and_gets_its_defaults():
     cfg = _default()
     validate_config(cfg)
     screen = cfg["datasets"]["sim_genetic"]["screen"]
-    assert screen["max_cells"] == 100 and "GENE01001" in screen["candidates"]
+    assert screen["max_cells"] == 50 and "GENE01001" in screen["candidates"]
     assert "screen" not in cfg["datasets"]["sim_stimulation"]
     cfg = _break(_screen(candidates_file="lists/candidates.txt"))  # read by the jobs, not here
     validate_config(cfg)

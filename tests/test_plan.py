@@ -31,7 +31,7 @@ def test_runs_are_the_models_then_their_sampling_variants():
 def test_training_jobs_never_see_sampling_settings_or_resources():
     cfg = _config(variants={"w3": {"guidance": 3.0}})
     training = plan.training_params(cfg, "lingshu", "sim_genetic")
-    assert training == {"preset": "small", "pretrain_steps": 300, "finetune_steps": 400,
+    assert training == {"preset": "small", "pretrain_steps": 250, "finetune_steps": 200,
                         "batch_size": 64}
     edited = _config(guidance=2.5, sample_steps=8, threads=1, variants={"w9": {"guidance": 9}})
     assert plan.training_params(edited, "lingshu", "sim_genetic") == training
@@ -40,7 +40,7 @@ def test_training_jobs_never_see_sampling_settings_or_resources():
 def test_pretraining_never_sees_fine_tuning_settings():
     cfg = _config()
     assert plan.pretraining_params(cfg, "lingshu", "sim_genetic") == {
-        "preset": "small", "pretrain_steps": 300, "batch_size": 64}
+        "preset": "small", "pretrain_steps": 250, "batch_size": 64}
     edited = _config(finetune_steps=21, identity_dropout=0.2)
     assert plan.pretraining_params(edited, "lingshu", "sim_genetic") == plan.pretraining_params(
         cfg, "lingshu", "sim_genetic")
@@ -149,7 +149,7 @@ def test_the_screen_reaches_the_features_and_screen_jobs_only():
     features = json.loads(plan.entry_json(cfg, "sim_genetic", screen=plan.CANDIDATE_KEYS))
     assert set(features["screen"]) == {"candidates"}  # max_cells never re-runs the features
     full = json.loads(plan.entry_json(cfg, "sim_genetic", screen=plan.SCREEN_KEYS))
-    assert full["screen"]["max_cells"] == 100
+    assert full["screen"]["max_cells"] == 50
     # Every run of a registered model screens (variants too); external entries do not.
     assert plan.screen_runs_of(cfg, "sim_genetic") == [
         r for r in plan.runs_of(cfg, "sim_genetic") if r != "mine"]
