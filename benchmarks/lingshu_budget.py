@@ -340,7 +340,7 @@ def main(argv=None) -> None:
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    if not args.variant and args.cmd == "study":
+    if args.cmd == "study" and not args.variant:
         args.variant = ["default:"]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     (study if args.cmd == "study" else genes)(args)
