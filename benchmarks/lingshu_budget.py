@@ -117,9 +117,12 @@ def bits(path: Path) -> dict[str, float]:
 
 
 def prediction_metrics(eval_dir: Path) -> dict[str, float]:
+    from lingshu.evaluate.perturbation import PAPER_METRICS
+
     metrics = json.loads((eval_dir / "summary.json").read_text())["metrics"]
-    names = {"pearson_delta": "pearson_delta", "des": "overlap_at_N", "mae": "mae"}
-    return {k: float(metrics[v]) for k, v in names.items() if metrics.get(v) is not None}
+    names = {"pearson_delta": "Pearson-delta", "des": "DES", "mae": "MAE"}
+    return {k: float(metrics[PAPER_METRICS[v]]) for k, v in names.items()
+            if metrics.get(PAPER_METRICS[v]) is not None}
 
 
 def study(args) -> None:
