@@ -127,8 +127,10 @@ def prediction_metrics(eval_dir: Path) -> dict[str, float]:
 
 def study(args) -> None:
     from lingshu.evaluate.generation import REAL_FLOOR
+    from lingshu.models.mddm.spec import SPECS
     from lingshu.plan import entry_json, model_block, validate_config
 
+    spec = SPECS[0]
     config = yaml.safe_load(Path(args.configfile).read_text())
     validate_config(config, source=args.configfile)
     out = Path(args.out)
@@ -147,16 +149,13 @@ def study(args) -> None:
             work.mkdir(parents=True, exist_ok=True)
             print(f"{ds} / {name}: {over}", flush=True)
             row: dict = {"dataset": ds, "variant": name, **{k: json.dumps(v) for k, v in over.items()}}
-            train_params = {k: v for k, v in params.items()
-                            if k not in ("guidance", "sample_steps", "sample_batch",
-                                         "unconditional_steps", "prior_injection")}
+            train_params = {k: v for k, v in params.items() if k not in spec.sampling_keys}
             sampling = {k: params[k] for k in ("guidance", "sample_steps", "unconditional_steps")
                         if k in params}
             threads = str(args.threads)
             tok = ["--tokens", str(res / "tokens")] if (res / "tokens").exists() else []
             if "pretrain" in stages:
-                pre = {k: v for k, v in train_params.items()
-                       if k not in ("finetune_steps", "identity_dropout")}
+                pre = {k: v for k, v in train_params.items() if k not in spec.fit_keys}
                 row["cpu_pretrain"] = run_stage("pretrain", [
                     "pretrain", *common, "--features", str(res / "features.tsv"),
                     "--model", "lingshu", "--params", json.dumps(pre), "--entry", entry,

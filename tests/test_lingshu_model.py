@@ -11,7 +11,9 @@ from lingshu.models.harness import build_model, load_model, predict_conditions, 
 from conftest import make_entry, make_processed
 
 TINY = {"preset": "tiny", "pretrain_steps": 20, "finetune_steps": 40, "batch_size": 16,
-        "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20, "sample_batch": 64}
+        "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20, "sample_batch": 64,
+        # the default config's condition path (ours): a rank-r head path, a faster learning rate
+        "network": {"cond_head_rank": 2}, "cond_lr_scale": 5.0}
 ENTRY = make_entry("genetic")
 
 
@@ -37,6 +39,8 @@ def test_pretrain_and_finetune_write_their_state(fitted):
     for name in ("pretrain.pt", "pretrain_state.pt", "finetune_state.pt", "model.npz",
                  "pretrain_loss.png", "finetune_loss.png"):
         assert (work / name).exists(), name
+    # the condition's head path starts at zero and fine-tuning trained it
+    assert fitted[2].net.cond_head_up.abs().max() > 0
 
 
 def test_training_records_held_out_diagnostics(fitted):
@@ -113,6 +117,11 @@ def test_sampling_settings_of_a_fitted_model(fitted):
     assert loaded.guidance() == 3.0  # SPEC 1.4's default for stimulation data
     with pytest.raises(InputError, match="not sampling settings"):
         load_model(str(work / "model.npz"), sampling={"finetune_steps": 3})
+
+
+def test_cond_lr_scale_must_be_positive():
+    with pytest.raises(ValueError, match="cond_lr_scale"):
+        build_model("lingshu", {**TINY, "cond_lr_scale": 0})
 
 
 def test_unknown_parameter_is_named():

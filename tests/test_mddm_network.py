@@ -155,7 +155,7 @@ def test_config_validation():
 
 
 def test_backward_reaches_every_parameter():
-    net = conditional(pert_feature_dim=4).train()
+    net = conditional(pert_feature_dim=4, cond_head_rank=2).train()
     out = net(random_tokens(), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]),
               pert_features=torch.randn(3, 4), target_genes=torch.tensor([[1], [2], [-1]]))
     out.square().mean().backward()
@@ -190,3 +190,27 @@ def test_cond_broadcast_lets_gene_groups_see_the_condition_without_attention(bro
     a = net(tokens, context=torch.tensor([0]), perturbation=pert)
     b = net(tokens, context=torch.tensor([1]), perturbation=pert)
     assert (not torch.allclose(a, b)) == broadcast
+
+
+def test_cond_head_starts_at_zero_and_reaches_every_gene_without_attention():
+    """``cond_head_rank``: a fine-tuned model starts exactly as the same network without it (the
+    shift is zero), and once trained the condition reaches every gene's logits directly, even
+    with attention's output zeroed; the selected-genes path gives the same logits."""
+    plain, ranked = conditional(), conditional(cond_head_rank=3)
+    ranked.load_state_dict(plain.state_dict(), strict=False)
+    tokens, kw = random_tokens(), dict(context=torch.tensor([0, 1, 2]),
+                                      perturbation=torch.tensor([1, 0, 4]))
+    with torch.no_grad():
+        torch.testing.assert_close(ranked(tokens, **kw), plain(tokens, **kw))
+        for block in ranked.blocks:
+            block.attn.out.weight.zero_()
+        ranked.cond_head_up.normal_(0, 1.0)
+        masked = torch.full((1, G), MASK_TOKEN)
+        a, b = (ranked(masked, context=torch.tensor([c]), perturbation=torch.tensor([1]))
+                for c in (0, 1))
+        assert (a - b).abs().amax(-1).min() > 0  # every gene's logits move with the context
+        select = torch.rand(3, G, generator=torch.Generator().manual_seed(2)) < 0.4
+        torch.testing.assert_close(ranked(tokens, select=select, **kw),
+                                   ranked(tokens, **kw)[select], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cond_head_rank"):
+        NetworkConfig(n_genes=4, cond_head_rank=-1)

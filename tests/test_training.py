@@ -99,6 +99,22 @@ def test_param_groups_decay_matrices_only():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_lr_scale_multiplies_the_learning_rate_of_parameters_by_name_prefix(tmp_path):
+    model = Toy(cond=True)
+    groups = param_groups(model, 0.1, {"fc2": 0.0, "fc2.bias": 2.0})
+    scale = {n: g.get("lr_scale", 1.0) for g in groups for n, p in model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert scale == {"fc1.weight": 1.0, "fc1.bias": 1.0, "norm.weight": 1.0, "norm.bias": 1.0,
+                     "fc2.weight": 0.0, "fc2.bias": 2.0, "cond.weight": 1.0}  # longest prefix
+    # In training: a multiplier of 0 freezes fc2.weight while everything else moves.
+    model = fresh_model(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, denoise_loss, sample_batch, cfg(steps=3, lr_scale={"fc2.weight": 0.0}),
+          tmp_path / "s.pt", progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(before) - {"fc2.weight"}
+
+
 def test_ema():
     model = Toy()
     ema = EMA(model, decay=0.0)

@@ -81,6 +81,10 @@ DEFAULTS: dict[str, Any] = {
     "sample_steps": 3,
     "sample_batch": 256,
     "identity_dropout": 0.5,
+    # fine-tuning: the learning rate of the condition path (condition embeddings, their
+    # projections and the network's cond_head) as a multiple of ``lr``; ours (the paper has
+    # one learning rate): those parameters start from scratch while the rest is pre-trained
+    "cond_lr_scale": 1.0,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     "device": "auto",
@@ -92,6 +96,8 @@ DEFAULTS: dict[str, Any] = {
     # of the split's reference cells, at 4 points of each training run; 0: none
     "diagnostics_cells": 256,
 }
+# the parameters of the condition path (name prefixes), which ``cond_lr_scale`` speeds up
+COND_PARAMETERS = ("context_emb", "pert_emb", "pert_feature_proj", "target_proj", "cond_head_")
 MONITOR_POINTS = 4  # diagnostics at 1/4, 1/2, 3/4 and all of a run's steps
 
 SAMPLING_KEYS = SPECS[0].sampling_keys
@@ -220,6 +226,8 @@ class LingshuCell(PerturbationModel):
         if self.cfg["preset"] not in PRESETS:
             raise ValueError(f"lingshu: unknown preset {self.cfg['preset']!r}; "
                              f"choose one of {sorted(PRESETS)}")
+        if not float(self.cfg["cond_lr_scale"]) > 0:
+            raise ValueError(f"lingshu: cond_lr_scale must be > 0, got {self.cfg['cond_lr_scale']!r}")
         if self.cfg["head_bias_init"] not in ("marginal", "zero"):
             raise ValueError(f"lingshu: head_bias_init must be 'marginal' or 'zero', got "
                              f"{self.cfg['head_bias_init']!r}")
@@ -252,13 +260,14 @@ class LingshuCell(PerturbationModel):
         return config_from_preset(self.cfg["preset"], n_genes, seed=seed,
                                   **{**self.cfg["network"], **conditions})
 
-    def _train_config(self, steps: int, seed: int) -> TrainConfig:
+    def _train_config(self, steps: int, seed: int, lr_scale: dict | None = None) -> TrainConfig:
         keys = {k: self.cfg[k] for k in ("batch_size", "micro_batch_size", "lr", "min_lr",
                                          "warmup_steps", "ema_decay", "checkpoint_every",
                                          "compile")}
         # Under DDP: some parameters get no gradient on some data (the padding embedding when
         # the genes fill the groups exactly, the target-gene projection without targets).
-        return TrainConfig(steps=int(steps), seed=seed, ddp_find_unused_parameters=True, **keys)
+        return TrainConfig(steps=int(steps), seed=seed, ddp_find_unused_parameters=True,
+                           lr_scale=lr_scale, **keys)
 
     # ------------------------------------------------------------------ pre-training
     def pretrain(self, data: TrainingData, out_path: str | Path) -> None:
@@ -368,7 +377,10 @@ class LingshuCell(PerturbationModel):
                 target_genes=h_tgt[rows].to(d)))
 
         steps = int(self.cfg["finetune_steps"])
-        result = train(net, loss_fn, sample_batch, self._train_config(steps, data.seed + 1),
+        scale = float(self.cfg["cond_lr_scale"])
+        lr_scale = {prefix: scale for prefix in COND_PARAMETERS} if scale != 1.0 else None
+        result = train(net, loss_fn, sample_batch,
+                       self._train_config(steps, data.seed + 1, lr_scale),
                        workdir / "finetune_state.pt", device=self.device,
                        init_state_dict=init_state,
                        loss_curve_path=workdir / "finetune_loss.png",

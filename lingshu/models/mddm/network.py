@@ -51,6 +51,10 @@ class NetworkConfig:
     # token (besides being prepended), so that each group sees its condition from the first
     # layer rather than only once attention has learnt to look at two positions of many
     cond_broadcast: bool = False
+    # ours, not the paper's: a rank-r path from the two condition tokens straight to every
+    # gene's logits (a condition-dependent shift of the per-gene bias, zero at the start),
+    # beside the route through attention; 0 = off (the paper's head)
+    cond_head_rank: int = 0
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     seed: int = 0  # seed of the fixed gene permutation
@@ -62,6 +66,8 @@ class NetworkConfig:
             raise ValueError(
                 f"NetworkConfig: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even width (RoPE)"
             )
+        if self.cond_head_rank < 0:
+            raise ValueError(f"NetworkConfig: cond_head_rank must be >= 0, got {self.cond_head_rank}")
         if (self.n_contexts > 0) != (self.n_perturbations > 0):
             raise ValueError(
                 "NetworkConfig: n_contexts and n_perturbations must both be > 0 (conditional) or both 0 "
@@ -240,6 +246,12 @@ class LingshuNetwork(nn.Module):
             self.pert_emb = nn.Embedding(cfg.n_perturbations, D)  # row 0 = unknown perturbation
             self.pert_feature_proj = nn.Linear(cfg.pert_feature_dim, D, bias=False) if cfg.pert_feature_dim else None
             self.target_proj = nn.Linear(D, D, bias=False)  # mean target gene-identity -> token
+            if cfg.cond_head_rank:
+                r = cfg.cond_head_rank
+                self.cond_head_norm = RMSNorm(2 * D, eps=cfg.norm_eps)
+                self.cond_head_down = nn.Linear(2 * D, r, bias=False)
+                # (r, G, 281), zero: a fine-tuned model starts as its pre-trained one
+                self.cond_head_up = nn.Parameter(torch.zeros(r, G, N_EXPR_TOKENS))
 
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(D, eps=cfg.norm_eps)
@@ -249,6 +261,8 @@ class LingshuNetwork(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
         self.apply(self._init_weights)
+        if cfg.conditional and cfg.cond_head_rank:  # unit-scale codes from normalised tokens
+            nn.init.normal_(self.cond_head_down.weight, std=(2 * D) ** -0.5)
         for name, p in self.named_parameters():  # residual output projections, as GPT-2 / nanoGPT
             if name.endswith("attn.out.weight") or name.endswith("ff.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -290,6 +304,30 @@ class LingshuNetwork(nn.Module):
             pert = pert + self.target_proj(mean)
         return torch.stack([ctx, pert], dim=1)  # (B, 2, D)
 
+    def cond_head_shift(self, cond: torch.Tensor, cells: torch.Tensor | None = None,
+                        genes: torch.Tensor | None = None) -> torch.Tensor:
+        """The rank-r logit shift of ``cond_head_rank`` from condition tokens cond (B, 2, D):
+        (B, G, 281), or (K, 281) for the K (cell, gene) pairs ``cells``, ``genes`` (K,), cells
+        in ascending order (as ``select.nonzero`` gives them)."""
+        B = cond.shape[0]
+        z = self.cond_head_down(self.cond_head_norm(cond.reshape(B, -1)))  # (B, r)
+        up = self.cond_head_up  # (r, G, 281)
+        r, G, V = up.shape
+        flat = up.reshape(r, G * V)
+        if cells is None:
+            return (z.to(up.dtype) @ flat).view(B, G, V)
+        # Whole cells at a time, one matmul each (a gather per pair would cost a scatter-add of
+        # r x K x 281 in the backward pass), a block of at most ~2^25 logits in memory.
+        block = max(1, (1 << 25) // (G * V))
+        bounds = torch.searchsorted(cells, torch.arange(0, B + block, block, device=cells.device))
+        out = []
+        for i, start in enumerate(range(0, B, block)):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                full = (z[start:start + block].to(up.dtype) @ flat).view(-1, V)  # (b * G, 281)
+                out.append(full[(cells[lo:hi] - start) * G + genes[lo:hi]])
+        return torch.cat(out) if out else z.new_zeros(0, V)
+
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, tokens, context=None, perturbation=None, pert_features=None,
@@ -319,6 +357,7 @@ class LingshuNetwork(nn.Module):
             if any(c is not None for c in (context, perturbation, pert_features, target_genes)):
                 raise ValueError("conditions given to an unconditional network (n_contexts=0)")
             start = GENE_POS_OFFSET  # gene groups keep positions 2.. without condition tokens
+        shift = cond if cfg.conditional and cfg.cond_head_rank else None
         L = x.shape[1]
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]  # (L, hd)
 
@@ -333,9 +372,11 @@ class LingshuNetwork(nn.Module):
             b, g = select.nonzero(as_tuple=True)  # (K,) cells and genes, row-major
             x = x.reshape(B, -1, cfg.d_model)  # (B, G_pad, D) in permuted gene order
             h = x[b, self.gene_perm_inv[g]]  # (K, D)
-            return self.head(h) + self.head_bias[g]  # (K, 281)
+            logits = self.head(h) + self.head_bias[g]  # (K, 281)
+            return logits if shift is None else logits + self.cond_head_shift(shift, b, g)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
-        return self.head(x) + self.head_bias  # (B, G, 281)
+        logits = self.head(x) + self.head_bias  # (B, G, 281)
+        return logits if shift is None else logits + self.cond_head_shift(shift)
 
     # -- accounting ------------------------------------------------------------------------
 

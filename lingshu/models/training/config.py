@@ -37,6 +37,8 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     ddp_find_unused_parameters: bool = False
+    # {parameter-name prefix: learning-rate multiplier} (see training.optim.param_groups)
+    lr_scale: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

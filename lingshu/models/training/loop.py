@@ -307,7 +307,8 @@ def _load_init_state(model: nn.Module, init_state_dict: dict) -> tuple[list[str]
 
 def _optimizer_and_ema(model: nn.Module, cfg: TrainConfig,
                        init_state_dict: dict | None) -> tuple[torch.optim.Optimizer, EMA]:
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(1, cfg),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_scale),
+                                  lr=lr_at(1, cfg),
                                   betas=tuple(cfg.betas))
     # The warm-up is for an average that starts at random weights, not at trained ones.
     ema = EMA(model, cfg.ema_decay, warmup=init_state_dict is None)
@@ -361,7 +362,7 @@ def _optimizer_step(run: _Run, step: int, loss_fn: Callable, sample_batch: Calla
     cfg = run.cfg
     lr = lr_at(step, cfg)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     run.optimizer.zero_grad(set_to_none=True)
     total = _accumulate_gradients(run, loss_fn, sample_batch, use_bf16)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip) \
