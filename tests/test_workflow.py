@@ -38,8 +38,11 @@ def test_dry_run_builds_every_stage(configfile, tmp_path):
 
 
 def test_dataset_model_params_reach_that_dataset_only(tmp_path):
-    run = _snakemake("-n", "-p", "--configfile", "config/shared_data.yaml", "--config",
-                     f"results_dir={tmp_path}")
+    config = yaml.safe_load((ROOT / "config" / "shared_data.yaml").read_text())
+    config["datasets"]["kang"]["model_params"] = {"lingshu": {"guidance": 3.0}}
+    path = tmp_path / "kang_w3.yaml"
+    path.write_text(yaml.safe_dump(dict(config, results_dir=str(tmp_path))))
+    run = _snakemake("-n", "-p", "--configfile", str(path))
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     predicts = [line for line in lines if "lingshu predict" in line and "--run lingshu " in line]
