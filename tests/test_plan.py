@@ -65,6 +65,7 @@ def test_a_variant_samples_on_top_of_the_base_settings():
 
 def test_dataset_model_params_reach_that_dataset_only():
     cfg = yaml.safe_load((ROOT / "config" / "shared_data.yaml").read_text())
+    cfg["datasets"]["kang"]["model_params"] = {"lingshu": {"guidance": 3.0}}
     plan.validate_config(cfg)
     assert plan.sampling_params(cfg, "lingshu", "kang")["guidance"] == 3.0
     assert plan.sampling_params(cfg, "lingshu", "papalexi")["guidance"] == 1.0
