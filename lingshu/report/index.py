@@ -24,7 +24,7 @@ from lingshu.report.tables import (
     AVERAGE_SCORE,
     CEILING_ROW,
     VCC_SCORE,
-    _number,
+    format_number,
 )
 
 MEAN_RANK = "mean rank"  # a run's average rank, averaged over the datasets it ran on
@@ -116,7 +116,7 @@ def _leaderboard_html(board: pd.DataFrame, links: dict[str, str], baselines: set
         cls = " class='baseline'" if _is_baseline(str(run), baselines) else ""
         mean_cls = " class='best'" if row[MEAN_RANK] == best_mean else ""
         cells = [f"<td class='model'>{html.escape(str(run))}</td>",
-                 f"<td{mean_cls}>{_number(row[MEAN_RANK], 2)}</td>"]
+                 f"<td{mean_cls}>{format_number(row[MEAN_RANK], 2)}</td>"]
         for n in datasets:
             rank, score = row[f"{n} rank"], row[f"{n} score"]
             if not math.isfinite(rank):
@@ -124,7 +124,7 @@ def _leaderboard_html(board: pd.DataFrame, links: dict[str, str], baselines: set
                 continue
             colour = _rank_colour(rank, n_runs[n])
             cells.append(f"<td style='background:{colour}'>{rank:.2f} "
-                         f"<span class='score'>· {_number(score)}</span></td>")
+                         f"<span class='score'>· {format_number(score)}</span></td>")
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     rows.append("</table>")
     return "\n".join(rows)
@@ -152,10 +152,10 @@ def _dataset_html(name: str, table: pd.DataFrame, link: str, baselines: set[str]
             rank = row.get(f"{label} rank", float("nan"))
             best = " class='best'" if rank == 1 else ""
             suffix = f" ({int(rank)})" if isinstance(rank, float) and math.isfinite(rank) else ""
-            cells.append(f"<td{best}>{_number(row[label])}{suffix}</td>")
-        cells += [f"<td>{_number(row.get(AVERAGE_RANK, float('nan')), 2)}</td>",
-                  f"<td>{_number(row.get(AVERAGE_SCORE, float('nan')))}</td>",
-                  f"<td>{_number(row.get(VCC_SCORE, float('nan')))}</td>"]
+            cells.append(f"<td{best}>{format_number(row[label])}{suffix}</td>")
+        cells += [f"<td>{format_number(row.get(AVERAGE_RANK, float('nan')), 2)}</td>",
+                  f"<td>{format_number(row.get(AVERAGE_SCORE, float('nan')))}</td>",
+                  f"<td>{format_number(row.get(VCC_SCORE, float('nan')))}</td>"]
         parts.append(f"<tr{cls}>{''.join(cells)}</tr>")
     parts.append("</table>")
     return "\n".join(parts)

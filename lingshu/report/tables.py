@@ -130,7 +130,7 @@ def best_models(table: pd.DataFrame) -> dict[str, str]:
     return best
 
 
-def _number(value: float, digits: int = 3) -> str:
+def format_number(value: float, digits: int = 3) -> str:
     """A value for display; an em dash where undefined."""
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -141,15 +141,15 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     for _, row in table.iterrows():
         shown = {"model": row["model"]}
         for label in PAPER_METRICS:
-            cell = _number(row[label])
+            cell = format_number(row[label])
             if math.isfinite(row[f"{label} low"]):
-                cell += f" [{_number(row[f'{label} low'])}, {_number(row[f'{label} high'])}]"
+                cell += f" [{format_number(row[f'{label} low'])}, {format_number(row[f'{label} high'])}]"
             if math.isfinite(row[f"{label} rank"]):
                 cell += f" ({int(row[f'{label} rank'])})"
             shown[label] = cell
-        shown[AVERAGE_RANK] = _number(row[AVERAGE_RANK], 1)
-        shown[AVERAGE_SCORE] = _number(row[AVERAGE_SCORE])
-        shown[VCC_SCORE] = _number(row[VCC_SCORE])
+        shown[AVERAGE_RANK] = format_number(row[AVERAGE_RANK], 1)
+        shown[AVERAGE_SCORE] = format_number(row[AVERAGE_SCORE])
+        shown[VCC_SCORE] = format_number(row[VCC_SCORE])
         rows.append(shown)
     return pd.DataFrame(rows)
 
