@@ -30,8 +30,9 @@ each quality against CPU-seconds. ``--stages`` limits what runs (e.g. ``pretrain
 unconditional unmasking step (256 cells; the mean over an 8-step run: each step is one
 forward pass of the backbone plus the head on the genes it unmasks, so its cost hardly depends
 on the number of steps) of the network at each preset and number of genes, on random tokens,
-in this process; it prints cells/s and the projected wall seconds of the default budget
-(300 pre-training + 400 fine-tuning steps of 64 cells, 300 cells generated in 64 steps) at
+in this process, with the network options (the condition path) of ``--configfile``'s lingshu
+block; it prints cells/s and the projected wall seconds of that block's budget (its pre-training
+and fine-tuning steps of 64 cells, 300 cells generated in its unconditional steps) at
 ``--threads`` threads.
 
 Nothing here asserts on time or quality; it measures.
@@ -278,15 +279,28 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 def genes(args) -> None:
     import torch
 
+    from lingshu.memory import keep_freed_memory
     from lingshu.models.mddm.diffusion import mask_tokens, masked_loss, sample
+    from lingshu.models.mddm.model import DEFAULTS
     from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
 
+    keep_freed_memory()  # as every pipeline job does (lingshu.memory)
     torch.set_num_threads(args.threads)
+    # The budget and the network options of the config's lingshu block (the default config's:
+    # its condition path included)
+    block = {**DEFAULTS, **(yaml.safe_load(Path(args.configfile).read_text())["models"]
+                            .get("lingshu") or {})}
+    network = dict(block["network"] or {})
+    steps = int(block["pretrain_steps"]) + int(block["finetune_steps"])
+    n_uncond = int(block["unconditional_steps"])
+    print(f"{args.configfile}: network options {network}, {block['pretrain_steps']} + "
+          f"{block['finetune_steps']} training steps, {n_uncond} unconditional steps")
     print(f"{'preset':>8} {'genes':>6} {'train cells/s':>13} {'3-step guided cells/s':>21} "
           f"{'uncond. step (s, 256 cells)':>27} {'default budget (s)':>18}")
     for preset in args.presets:
         for g in args.genes:
-            net = LingshuNetwork(config_from_preset(preset, g, n_contexts=3, n_perturbations=4))
+            net = LingshuNetwork(config_from_preset(preset, g, n_contexts=3, n_perturbations=4,
+                                                    **network))
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
             gen = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, 4, (64, g), generator=gen)
@@ -318,7 +332,7 @@ def genes(args) -> None:
             start = time.perf_counter()  # 8 of N unmasking steps: a step's cost hardly
             sample(fn, 256, g, 8, gen, cond=c1, select=True)  # depends on N (see docstring)
             uncond_step = (time.perf_counter() - start) / 8
-            budget = (300 + 400) * 64 / train_cps + 64 * uncond_step * 300 / 256
+            budget = steps * 64 / train_cps + n_uncond * uncond_step * 300 / 256
             print(f"{preset:>8} {g:>6} {train_cps:>13.0f} {guided_cps:>21.0f} "
                   f"{uncond_step:>27.3f} {budget:>18.0f}", flush=True)
 
@@ -337,6 +351,7 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="benchmarks/out/budget")
     g = sub.add_parser("genes")
+    g.add_argument("--configfile", default="config/config.yaml")
     g.add_argument("--presets", nargs="+", default=["small"])
     g.add_argument("--genes", nargs="+", type=int, default=[1000, 7000, 18080])
     g.add_argument("--threads", type=int, default=2)
