@@ -18,7 +18,6 @@ environment variables, unless the environment already sets them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -31,11 +30,9 @@ M_MMAP_MAX = -4
 def keep_freed_memory() -> bool:
     """Serve large allocations from the heap and keep freed memory (glibc ``mallopt``);
     True when glibc took both settings, False elsewhere (nothing changed)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):  # no mallopt there (not glibc)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # The trim threshold is an int: 2 GiB - 1 is as high as it goes, and far above a step's need.

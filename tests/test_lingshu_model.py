@@ -6,6 +6,7 @@ import pytest
 from lingshu.data.split import make_split
 from lingshu.data.features import compute_features
 from lingshu.data.truth import build_truth
+from lingshu.errors import InputError
 from lingshu.models.harness import build_model, load_model, predict_conditions, training_data
 
 from conftest import make_entry, make_processed
@@ -122,6 +123,19 @@ def test_sampling_settings_of_a_fitted_model(fitted):
 def test_cond_lr_scale_must_be_positive():
     with pytest.raises(ValueError, match="cond_lr_scale"):
         build_model("lingshu", {**TINY, "cond_lr_scale": 0})
+    with pytest.raises(InputError, match="models.lingshu.cond_lr_scale: 'fast' is not a positive"):
+        build_model("lingshu", {**TINY, "cond_lr_scale": "fast"})
+
+
+@pytest.mark.parametrize("network, field", [
+    ({"cond_head_rank": -2}, "models.lingshu.network.cond_head_rank: -2"),
+    ({"cond_head_rank": 1.5}, "models.lingshu.network.cond_head_rank: 1.5"),
+    ({"cond_hed_rank": 2}, r"models.lingshu.network: \['cond_hed_rank'\] are not network options"),
+])
+def test_bad_network_options_name_the_field_and_the_fix(network, field):
+    with pytest.raises(InputError, match=field) as err:
+        build_model("lingshu", {**TINY, "network": network})
+    assert "Fix:" in str(err.value)
 
 
 def test_unknown_parameter_is_named():

@@ -21,7 +21,7 @@ with any of them without training again.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.tokenstore import TokenStore
+from lingshu.errors import input_error
 from lingshu.io import sha256_file
 from lingshu.models.base import (
     ConditionInput,
@@ -226,12 +227,35 @@ class LingshuCell(PerturbationModel):
         if self.cfg["preset"] not in PRESETS:
             raise ValueError(f"lingshu: unknown preset {self.cfg['preset']!r}; "
                              f"choose one of {sorted(PRESETS)}")
-        if not float(self.cfg["cond_lr_scale"]) > 0:
-            raise ValueError(f"lingshu: cond_lr_scale must be > 0, got {self.cfg['cond_lr_scale']!r}")
+        self._check_condition_path()
         if self.cfg["head_bias_init"] not in ("marginal", "zero"):
             raise ValueError(f"lingshu: head_bias_init must be 'marginal' or 'zero', got "
                              f"{self.cfg['head_bias_init']!r}")
         self.device = _device(self.cfg["device"])
+
+    def _check_condition_path(self) -> None:
+        """The condition-path options (``cond_lr_scale``, ``network.cond_head_rank``) and the
+        network overrides' names, checked before any work, each error naming the field."""
+        scale = self.cfg["cond_lr_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise input_error("config", "models.lingshu.cond_lr_scale",
+                              f"{scale!r} is not a positive number",
+                              "give a learning-rate multiplier > 0 (1: the paper's single "
+                              "learning rate; the default config: 10)")
+        network = self.cfg["network"] or {}
+        known = {f.name for f in fields(NetworkConfig)} - {"n_genes", "n_contexts",
+                                                            "n_perturbations", "seed"}
+        unknown = sorted(set(network) - known)
+        if unknown:
+            raise input_error("config", "models.lingshu.network",
+                              f"{unknown} are not network options",
+                              f"use only {sorted(known)}")
+        rank = network.get("cond_head_rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise input_error("config", "models.lingshu.network.cond_head_rank",
+                              f"{rank!r} is not a whole number >= 0",
+                              "set 0 (off, the paper's head) or a rank such as 16 (the "
+                              "default config)")
 
     def training_settings(self) -> dict[str, Any]:
         """The settings that shape training (what resumable state is tied to): all but the

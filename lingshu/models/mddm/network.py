@@ -357,7 +357,7 @@ class LingshuNetwork(nn.Module):
             if any(c is not None for c in (context, perturbation, pert_features, target_genes)):
                 raise ValueError("conditions given to an unconditional network (n_contexts=0)")
             start = GENE_POS_OFFSET  # gene groups keep positions 2.. without condition tokens
-        shift = cond if cfg.conditional and cfg.cond_head_rank else None
+        head_cond = cond if cfg.conditional and cfg.cond_head_rank else None
         L = x.shape[1]
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]  # (L, hd)
 
@@ -373,10 +373,10 @@ class LingshuNetwork(nn.Module):
             x = x.reshape(B, -1, cfg.d_model)  # (B, G_pad, D) in permuted gene order
             h = x[b, self.gene_perm_inv[g]]  # (K, D)
             logits = self.head(h) + self.head_bias[g]  # (K, 281)
-            return logits if shift is None else logits + self.cond_head_shift(shift, b, g)
+            return logits if head_cond is None else logits + self.cond_head_shift(head_cond, b, g)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         logits = self.head(x) + self.head_bias  # (B, G, 281)
-        return logits if shift is None else logits + self.cond_head_shift(shift)
+        return logits if head_cond is None else logits + self.cond_head_shift(head_cond)
 
     # -- accounting ------------------------------------------------------------------------
 
