@@ -5,6 +5,9 @@
         --results results --datasets sim_genetic sim_stimulation \\
         --variant x1: --variant x3:pretrain_steps=900 --variant s8:network={"group_size":8} \\
         --out benchmarks/out/budget
+    # a rival at a Lingshu-Cell budget's CPU-seconds (any registered model's block)
+    python benchmarks/lingshu_budget.py study --model state --results results \\
+        --datasets sim_stimulation --variant x6:steps=2400 --out benchmarks/out/state
     # seconds per training and sampling step at 1,000 / 7,000 / 18,080 genes
     python benchmarks/lingshu_budget.py genes --presets small --genes 1000 7000 18080
 
@@ -12,8 +15,9 @@
 pretrain / generate / generation-eval / fit / predict / evaluate``) on the files a pipeline run
 left in ``--results`` (processed data, split, features, tokens, truth), each in its own process,
 and reads each one's CPU-seconds (user + system, from the OS). A variant is ``NAME:KEY=VALUE,...``
-applied over the config's ``lingshu`` block (values parsed as YAML; ``NAME:`` alone is the block
-as configured). It prints, and writes to ``--out/budget.tsv``:
+applied over the config block of ``--model`` (``lingshu`` unless given; values parsed as YAML;
+``NAME:`` alone is the block as configured), each stage run only where the model has it (the
+pre-training, unconditional generation). It prints, and writes to ``--out/budget.tsv``:
 
 - held-out bits per masked gene at t = 0.15 / 0.5 / 0.9 after pre-training and after fine-tuning,
   beside the per-gene marginal floor (the diagnostics of every training run);
@@ -128,75 +132,82 @@ def prediction_metrics(eval_dir: Path) -> dict[str, float]:
 
 def study(args) -> None:
     from lingshu.evaluate.generation import REAL_FLOOR
-    from lingshu.models.mddm.spec import SPECS
+    from lingshu.models.spec import get_spec
     from lingshu.plan import entry_json, model_block, validate_config
 
-    spec = SPECS[0]
+    model = args.model
+    spec = get_spec(model)
     config = yaml.safe_load(Path(args.configfile).read_text())
     validate_config(config, source=args.configfile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
+    # the checkpoint a generating model samples from, and the stage that writes it
+    gen_after = spec.generates_from if "generate" in stages else None
     rows = []
     for ds in args.datasets:
         res = Path(args.results) / ds
-        base = model_block(config, "lingshu", ds)
+        base = model_block(config, model, ds)
         entry = entry_json(config, ds)
         common = ["--processed", str(res / "processed.h5ad"), "--split", str(res / "split")]
         for text in args.variant:
             name, over = parse_variant(text)
-            params = {k: v for k, v in {**base, **over}.items() if k not in ("threads",)}
-            work = out / ds / name
+            params = {**base, **over}
+            work = out / ds / (name if model == "lingshu" else f"{model}-{name}")
             work.mkdir(parents=True, exist_ok=True)
-            print(f"{ds} / {name}: {over}", flush=True)
-            row: dict = {"dataset": ds, "variant": name, **{k: json.dumps(v) for k, v in over.items()}}
-            train_params = {k: v for k, v in params.items() if k not in spec.sampling_keys}
-            sampling = {k: params[k] for k in ("guidance", "sample_steps", "unconditional_steps")
-                        if k in params}
+            print(f"{ds} / {model} / {name}: {over}", flush=True)
+            row: dict = {"dataset": ds, "model": model, "variant": name,
+                         **{k: json.dumps(v) for k, v in over.items()}}
+            train_params = spec.training_params(params)
+            sampling = spec.sampling_params(params)
             threads = str(args.threads)
-            tok = ["--tokens", str(res / "tokens")] if (res / "tokens").exists() else []
-            if "pretrain" in stages:
-                pre = {k: v for k, v in train_params.items() if k not in spec.fit_keys}
-                row["cpu_pretrain"] = run_stage("pretrain", [
-                    "pretrain", *common, "--features", str(res / "features.tsv"),
-                    "--model", "lingshu", "--params", json.dumps(pre), "--entry", entry,
-                    "--seed", str(args.seed), "--threads", threads, "--workdir", str(work),
-                    *tok, "--out", str(work / "pretrain.pt")], work / "pretrain.log")
-            row.update({f"pre_{k}": v for k, v in bits(work / "pretrain_diagnostics.tsv").items()})
-            if "generate" in stages:
-                gen_params = {k: v for k, v in sampling.items() if k == "unconditional_steps"}
+            tok = ["--tokens", str(res / "tokens")] if spec.tokens else []
+            seed = ["--seed", str(args.seed)]
+
+            def generate(checkpoint: Path) -> None:
+                gen_params = {k: v for k, v in sampling.items() if k in spec.generation_keys}
                 row["cpu_generate"] = run_stage("generate", [
-                    "generate", *common, "--model", "lingshu", "--run", "lingshu",
+                    "generate", *common, "--model", model, "--run", model,
                     "--params", json.dumps(train_params), "--sampling", json.dumps(gen_params),
-                    "--checkpoint", str(work / "pretrain.pt"), "--seed", str(args.seed),
-                    "--threads", threads, "--out", str(work / "generated.h5ad")],
-                    work / "generate.log")
+                    "--checkpoint", str(checkpoint), *seed, "--threads", threads,
+                    "--out", str(work / "generated.h5ad")], work / "generate.log")
                 run_stage("generation-eval", [
-                    "generation-eval", *common, "--generated", f"lingshu={work / 'generated.h5ad'}",
-                    "--seed", str(args.seed), "--outdir", str(work / "generation")],
-                    work / "generation_eval.log")
+                    "generation-eval", *common, "--generated", f"{model}={work / 'generated.h5ad'}",
+                    *seed, "--outdir", str(work / "generation")], work / "generation_eval.log")
                 g = pd.read_csv(work / "generation" / "table.tsv", sep="\t").set_index("model")
                 for k in ("mmd", "celltype_tvd", "pearson_mean"):
-                    row[k] = g.loc["lingshu", k]
+                    row[k] = g.loc[model, k]
                     row[f"floor_{k}"] = g.loc[REAL_FLOOR, k]
+
+            if "pretrain" in stages and spec.pretrains:
+                row["cpu_pretrain"] = run_stage("pretrain", [
+                    "pretrain", *common, "--features", str(res / "features.tsv"),
+                    "--model", model, "--params", json.dumps(spec.pretraining_params(params)),
+                    "--entry", entry, *seed, "--threads", threads, "--workdir", str(work),
+                    *tok, "--out", str(work / "pretrain.pt")], work / "pretrain.log")
+            row.update({f"pre_{k}": v for k, v in bits(work / "pretrain_diagnostics.tsv").items()})
+            if gen_after == "pretrain":
+                generate(work / "pretrain.pt")
             if "fit" in stages:
+                init = ["--init", str(work / "pretrain.pt")] if spec.pretrains else []
                 row["cpu_fit"] = run_stage("fit", [
-                    "fit", *common, "--features", str(res / "features.tsv"), "--model", "lingshu",
-                    "--params", json.dumps(train_params), "--entry", entry, "--seed",
-                    str(args.seed), "--threads", threads, "--workdir", str(work),
-                    "--init", str(work / "pretrain.pt"), *tok, "--out", str(work / "model.npz")],
-                    work / "fit.log")
+                    "fit", *common, "--features", str(res / "features.tsv"), "--model", model,
+                    "--params", json.dumps(train_params), "--entry", entry, *seed,
+                    "--threads", threads, "--workdir", str(work), *init, *tok,
+                    "--out", str(work / "model.npz")], work / "fit.log")
             row.update({f"fit_{k}": v for k, v in bits(work / "finetune_diagnostics.tsv").items()})
+            if gen_after == "fit":
+                generate(work / "model.npz")
             if "predict" in stages:
                 row["cpu_predict"] = run_stage("predict", [
                     "predict", *common, "--model-file", str(work / "model.npz"), "--run",
-                    "lingshu", "--sampling", json.dumps(sampling), "--entry", entry,
-                    "--seed", str(args.seed), "--threads", threads,
-                    "--out", str(work / "prediction.h5ad")], work / "predict.log")
+                    model, "--sampling", json.dumps(sampling), "--entry", entry, *seed,
+                    "--threads", threads, "--out", str(work / "prediction.h5ad")],
+                    work / "predict.log")
                 run_stage("evaluate", [
                     "evaluate", "--truth", str(res / "truth.h5ad"), "--pred",
                     str(work / "prediction.h5ad"), "--outdir", str(work / "eval"),
-                    "--threads", "1", "--seed", str(args.seed)], work / "evaluate.log")
+                    "--threads", "1", *seed], work / "evaluate.log")
                 row.update(prediction_metrics(work / "eval"))
             row["cpu_total"] = sum(row.get(f"cpu_{s}", 0.0) for s in
                                    ("pretrain", "fit", "generate", "predict"))
@@ -230,7 +241,7 @@ def rivals(res: Path, ds: str) -> list[dict]:
     for model in ("scldm", "state"):
         if not (res / "eval" / model / "summary.json").exists():
             continue
-        row = {"dataset": ds, "variant": f"[{model}]",
+        row = {"dataset": ds, "model": model, "variant": f"[{model}]",
                **prediction_metrics(res / "eval" / model),
                "cpu_total": _cpu_of(res / "benchmarks", [f"pretrain_{model}", f"fit_{model}",
                                                          f"predict_{model}",
@@ -251,21 +262,27 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     datasets = list(dict.fromkeys(table["dataset"]))
     fig, axes = plt.subplots(1, len(QUALITY), figsize=(3.2 * len(QUALITY), 3.2))
     colors = dict(zip(datasets, plt.cm.tab10.colors))
+    marker = {"lingshu": "o", "state": "s", "scldm": "x"}
+    if "model" not in table:
+        table = table.assign(model="lingshu")
     for ax, (key, title, higher) in zip(axes, QUALITY):
         for ds in datasets:
             sub = table[table["dataset"] == ds]
             if key not in sub:
                 continue
-            own = sub[~sub["variant"].str.startswith("[")].dropna(subset=[key])
-            ax.plot(own["cpu_total"], own[key], "o", color=colors[ds], label=ds)
-            for _, r in own.iterrows():
-                ax.annotate(r["variant"], (r["cpu_total"], r[key]), fontsize=6)
+            studied = sub[~sub["variant"].str.startswith("[")].dropna(subset=[key])
+            for i, (_, r) in enumerate(studied.iterrows()):
+                ax.plot(r["cpu_total"], r[key], marker.get(r["model"], "^"), color=colors[ds],
+                        label=ds if i == 0 else None)
+                label = r["variant"] if r["model"] == "lingshu" else f"{r['model']} {r['variant']}"
+                ax.annotate(label, (r["cpu_total"], r[key]), fontsize=6)
+            # the pipeline run's own rows of the rivals: hollow markers
             for _, r in sub[sub["variant"].str.startswith("[")].dropna(subset=[key]).iterrows():
-                ax.plot(r["cpu_total"], r[key], "x" if "scldm" in r["variant"] else "s",
-                        color=colors[ds], mfc="none")
+                ax.plot(r["cpu_total"], r[key], marker.get(r["model"], "^"), color=colors[ds],
+                        mfc="none")
                 ax.annotate(r["variant"], (r["cpu_total"], r[key]), fontsize=6)
         ax.set_xscale("log")
-        ax.set_xlabel("CPU-seconds (Lingshu-Cell: all stages run)")
+        ax.set_xlabel("CPU-seconds (all stages run)")
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
@@ -344,8 +361,11 @@ def main(argv=None) -> None:
     s.add_argument("--configfile", default="config/config.yaml")
     s.add_argument("--results", default="results")
     s.add_argument("--datasets", nargs="+", required=True)
+    s.add_argument("--model", default="lingshu",
+                   help="the model whose config block the variants change (scLDM and STATE at "
+                        "matched CPU-seconds: --model scldm / state)")
     s.add_argument("--variant", action="append", default=[],
-                   help="NAME:KEY=VALUE,... over the config's lingshu block (repeatable)")
+                   help="NAME:KEY=VALUE,... over the model's config block (repeatable)")
     s.add_argument("--stages", default="pretrain,generate,fit,predict")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
