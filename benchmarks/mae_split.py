@@ -1,0 +1,112 @@
+"""Where each model's MAE comes from: the genes a held-out condition changes, or the rest.
+
+    python benchmarks/mae_split.py --results results --datasets sim_genetic sim_stimulation
+
+MAE (cell-eval's, the VCC's) is the mean over genes of |predicted mean - true mean| in
+log1p(CP10k), per held-out condition. ``control_mean`` predicts every gene at its context's
+control level, which is exactly right for the genes a condition leaves alone and wrong by the
+whole effect for the genes it changes. This script splits every model's MAE, per condition
+and then averaged over conditions, into the ``--top`` share of genes whose true mean moves
+most from the context's real control cells (the truth file's) and the rest, and adds:
+
+- a ``[perfect sampler]`` row: the MAE of one half of the truth's cells against the other
+  half, scaled by 1/sqrt(2) to a sample the truth's size: what a model that samples cells
+  from the true distribution pays for its cells' sampling noise alone (a model that predicts
+  means pays none of it);
+- ``signed``: the mean of (predicted - true) over genes, a level bias.
+
+It reads ``results/<dataset>/truth.h5ad`` and every ``results/<dataset>/predictions/*.h5ad``
+(or ``--models``), prints one table and writes it to ``--out`` when given. Nothing here is a
+test; it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def _mean_of(adata: ad.AnnData, x: np.ndarray, pert: str, ctx: str) -> np.ndarray:
+    rows = ((adata.obs["perturbation"] == pert) & (adata.obs["context"] == ctx)).to_numpy()
+    return x[rows].mean(0)
+
+
+def split_mae(truth: ad.AnnData, pred: ad.AnnData, top: float) -> dict[str, float]:
+    """Averages over the prediction's conditions of MAE, MAE on the ``top`` share of most
+    changed genes, MAE on the rest and the signed error."""
+    t, p = _dense(truth.X), _dense(pred.X)
+    out = []
+    for (pert, ctx), _ in pred.obs.groupby(["perturbation", "context"], observed=True):
+        true = _mean_of(truth, t, pert, ctx)
+        ctrl = _mean_of(truth, t, "control", ctx)
+        guess = _mean_of(pred, p, pert, ctx)
+        change = np.abs(true - ctrl)
+        changed = change >= np.quantile(change, 1 - top)
+        err = np.abs(guess - true)
+        out.append((err.mean(), err[changed].mean(), err[~changed].mean(),
+                    (guess - true).mean()))
+    return dict(zip(("mae", "mae_changed", "mae_rest", "signed"), np.mean(out, axis=0)))
+
+
+def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float, seed: int) -> dict:
+    """What a perfect sampler pays: the MAE between two random halves of each condition's true
+    cells over sqrt(2) (the noise of a sample the truth's size against the truth), split as
+    :func:`split_mae` splits a model's, averaged over conditions."""
+    t, rng, out = _dense(truth.X), np.random.default_rng(seed), []
+    for pert, ctx in conditions.itertuples(index=False):
+        rows = np.flatnonzero(((truth.obs["perturbation"] == pert)
+                               & (truth.obs["context"] == ctx)).to_numpy())
+        rows = rng.permutation(rows)
+        half = len(rows) // 2
+        change = np.abs(t[rows].mean(0) - _mean_of(truth, t, "control", ctx))
+        changed = change >= np.quantile(change, 1 - top)
+        err = np.abs(t[rows[:half]].mean(0) - t[rows[half:2 * half]].mean(0)) / np.sqrt(2)
+        out.append((err.mean(), err[changed].mean(), err[~changed].mean()))
+    return dict(zip(("mae", "mae_changed", "mae_rest"), np.mean(out, axis=0)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--models", nargs="*", help="prediction runs (default: every one)")
+    parser.add_argument("--top", type=float, default=0.1,
+                        help="share of genes counted as changed (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the table here (TSV)")
+    args = parser.parse_args(argv)
+    rows = []
+    for ds in args.datasets:
+        res = Path(args.results) / ds
+        truth = ad.read_h5ad(res / "truth.h5ad")
+        runs = args.models or sorted(f.stem for f in (res / "predictions").glob("*.h5ad"))
+        conditions = None
+        for run in runs:
+            pred = ad.read_h5ad(res / "predictions" / f"{run}.h5ad")
+            if conditions is None:
+                conditions = (pred.obs[["perturbation", "context"]].astype(str)
+                              .drop_duplicates())
+            rows.append({"dataset": ds, "model": run, **split_mae(truth, pred, args.top)})
+        if conditions is not None:
+            rows.append({"dataset": ds, "model": "[perfect sampler]",
+                         **own_noise(truth, conditions, args.top, args.seed)})
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200):
+        print(f"MAE on the {args.top:.0%} of genes each condition changes most "
+              "(mae_changed) and on the rest (mae_rest)")
+        print(table.round(3).to_string(index=False))
+    if args.out:
+        table.to_csv(args.out, sep="\t", index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""benchmarks/mae_split.py: a model's MAE split into the genes a condition changes and the rest."""
+
+import importlib.util
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "mae_split.py"
+
+
+@pytest.fixture(scope="module")
+def mae_split():
+    spec = importlib.util.spec_from_file_location("mae_split", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(means: np.ndarray, pert: str, n: int) -> ad.AnnData:
+    x = np.tile(means, (n, 1)).astype(np.float32)
+    return ad.AnnData(X=x, obs=pd.DataFrame({"perturbation": pert, "context": "A"},
+                                            index=[f"{pert}{i}" for i in range(n)]))
+
+
+def test_control_level_pays_the_whole_effect_on_changed_genes_only(mae_split):
+    ctrl = np.ones(20)
+    true = ctrl.copy()
+    true[:2] += [1.0, 3.0]  # the condition changes 2 of 20 genes (the top 10%)
+    truth = ad.concat([_cells(ctrl, "control", 4), _cells(true, "P", 4)])
+    at_control = _cells(ctrl, "P", 3)
+    got = mae_split.split_mae(truth, at_control, top=0.1)
+    assert got["mae_changed"] == pytest.approx(2.0)
+    assert got["mae_rest"] == pytest.approx(0.0)
+    assert got["mae"] == pytest.approx(4.0 / 20)
+    assert got["signed"] == pytest.approx(-4.0 / 20)
+    shifted = _cells(true + 0.5, "P", 3)  # right effect, a level bias of 0.5 everywhere
+    got = mae_split.split_mae(truth, shifted, top=0.1)
+    assert got["mae_changed"] == pytest.approx(0.5)
+    assert got["mae_rest"] == pytest.approx(0.5)
+    assert got["signed"] == pytest.approx(0.5)
+
+
+def test_perfect_sampler_noise_is_zero_without_spread_and_positive_with(mae_split):
+    ctrl = np.ones(10)
+    truth = ad.concat([_cells(ctrl, "control", 6), _cells(ctrl * 2, "P", 6)])
+    cond = pd.DataFrame({"perturbation": ["P"], "context": ["A"]})
+    assert mae_split.own_noise(truth, cond, 0.1, seed=0)["mae"] == pytest.approx(0.0)
+    truth.X[6:] += np.random.default_rng(0).normal(0, 1, (6, 10)).astype(np.float32)
+    assert mae_split.own_noise(truth, cond, 0.1, seed=0)["mae"] > 0.1
