@@ -284,7 +284,10 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("CPU-seconds (all stages run)")
         ax.set_title(f"{title} ({'higher' if higher else 'lower'} is better)", fontsize=8)
-    axes[0].legend(fontsize=6)
+    for ax in axes:  # the first panel with a studied row carries the legend
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+            break
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

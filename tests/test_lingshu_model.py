@@ -234,3 +234,16 @@ def test_head_bias_init_is_checked_and_zero_keeps_the_bias_at_zero(tmp_path):
     from lingshu.models.mddm.model import pretrained_weights
 
     assert float(pretrained_weights(tmp_path / "pretrain.pt")["head_bias"].abs().max()) == 0.0
+
+
+def test_numeric_options_written_as_yaml_text_are_numbers_and_bad_ones_name_the_field():
+    # YAML reads 1e-5 (no dot) as the text "1e-5": taken as the number it spells
+    model = build_model("lingshu", {**TINY, "min_lr": "1e-5", "lr": "2e-3", "finetune_steps": "3"})
+    assert model.cfg["min_lr"] == 1e-5 and model.cfg["lr"] == 2e-3
+    assert model.cfg["finetune_steps"] == 3 and isinstance(model.cfg["finetune_steps"], int)
+    with pytest.raises(InputError, match=r"models\.lingshu\.lr: 'fast' is not a number"):
+        build_model("lingshu", {**TINY, "lr": "fast"})
+    with pytest.raises(InputError, match=r"models\.lingshu\.batch_size: 6\.5 is not a whole number"):
+        build_model("lingshu", {**TINY, "batch_size": 6.5})
+    with pytest.raises(InputError, match=r"models\.lingshu\.ema_decay: True is not a number"):
+        build_model("lingshu", {**TINY, "ema_decay": True})

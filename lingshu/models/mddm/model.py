@@ -212,6 +212,39 @@ def write_diagnostics(rows: list[dict], diag: HeldOutDiagnostics | None, path: P
     return table
 
 
+# the options that are numbers: whole numbers, and real numbers (a default of None: optional;
+# cond_lr_scale has a check of its own, with the condition path's)
+_WHOLE = {k for k, v in DEFAULTS.items() if type(v) is int} | {"micro_batch_size"}
+_REAL = ({k for k, v in DEFAULTS.items() if type(v) is float} | {"guidance"}) - {"cond_lr_scale"}
+
+
+def _numbers(params: dict[str, Any]) -> dict[str, Any]:
+    """The numeric options of ``params`` as numbers. YAML reads ``1e-5`` (no dot) as the text
+    "1e-5": such text is taken as the number it spells; anything else that is not a number
+    (of the right kind) is an InputError naming the field, before any work."""
+    out = {}
+    for key in sorted(set(params) & (_WHOLE | _REAL)):
+        value = params[key]
+        if value is None and DEFAULTS[key] is None:
+            continue
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        whole = key in _WHOLE
+        ok = (not isinstance(number, bool) and isinstance(number, (int, float))
+              and np.isfinite(number) and (not whole or float(number).is_integer()))
+        if not ok:
+            raise input_error("config", f"models.lingshu.{key}",
+                              f"{value!r} is not a {'whole ' if whole else ''}number",
+                              f"write a {'whole ' if whole else ''}number (the default: "
+                              f"{DEFAULTS[key]!r})")
+        out[key] = int(number) if whole else float(number)
+    return out
+
+
 class LingshuCell(PerturbationModel):
     """The masked discrete diffusion model of the paper, trained inside the pipeline."""
 
@@ -223,7 +256,7 @@ class LingshuCell(PerturbationModel):
             raise ValueError(f"lingshu: unknown parameters {sorted(unknown)}; "
                              f"known: {sorted(DEFAULTS)}")
         super().__init__(**params)
-        self.cfg = {**DEFAULTS, **params}
+        self.cfg = {**DEFAULTS, **params, **_numbers(params)}
         if self.cfg["preset"] not in PRESETS:
             raise ValueError(f"lingshu: unknown preset {self.cfg['preset']!r}; "
                              f"choose one of {sorted(PRESETS)}")
