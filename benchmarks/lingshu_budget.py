@@ -224,11 +224,18 @@ def study(args) -> None:
     print(f"wrote {out / 'budget.tsv'} and {out / 'budget.png'}")
 
 
-def _cpu_of(bench_dir: Path, jobs: list[str]) -> float:
+def _cpu_of(res: Path, jobs: list[str]) -> float:
+    """The CPU-seconds of a pipeline run's jobs: each job's own count (the usage line of its
+    log, lingshu.usage), else Snakemake's sampled figure (a run of an older release)."""
+    from lingshu.usage import read_cpu_seconds
+
     total = 0.0
     for job in jobs:
-        path = bench_dir / f"{job}.tsv"
-        if path.exists():
+        own = read_cpu_seconds(res / "logs" / f"{job}.log")
+        path = res / "benchmarks" / f"{job}.tsv"
+        if own is not None:
+            total += own
+        elif path.exists():
             total += float(pd.read_csv(path, sep="\t")["cpu_time"].iloc[-1])
     return total
 
@@ -243,9 +250,8 @@ def rivals(res: Path, ds: str) -> list[dict]:
             continue
         row = {"dataset": ds, "model": model, "variant": f"[{model}]",
                **prediction_metrics(res / "eval" / model),
-               "cpu_total": _cpu_of(res / "benchmarks", [f"pretrain_{model}", f"fit_{model}",
-                                                         f"predict_{model}",
-                                                         f"generate_{model}"])}
+               "cpu_total": _cpu_of(res, [f"pretrain_{model}", f"fit_{model}",
+                                          f"predict_{model}", f"generate_{model}"])}
         if gen_table is not None and model in gen_table.index:
             for k in ("mmd", "celltype_tvd", "pearson_mean"):
                 row[k] = gen_table.loc[model, k]

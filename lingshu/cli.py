@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lingshu.memory import keep_freed_memory
+    from lingshu.usage import usage_line
 
     keep_freed_memory()  # before any command allocates: see lingshu.memory
     args = build_parser().parse_args(argv)
@@ -405,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         _final_error(f"lingshu {args.command} failed: {type(err).__name__}: {first} (the "
                      f"traceback above says where)")
         return 1
-    log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    log.info("%s done in %.1f s", args.command, wall)
+    print(usage_line(args.command, wall), file=sys.stderr, flush=True)  # see lingshu.usage
     return 0
 
 

@@ -163,3 +163,22 @@ def test_report_draws_generation_fidelity_from_the_generation_folder(evaluated, 
         assert html.escape(run_note(model)) in page
     note = run_note("lingshu@w3", {"guidance": 3.0})
     assert "guidance = 3.0" in note and html.escape(note) in page
+
+
+def test_benchmark_table_takes_cpu_time_from_the_jobs_usage_line(tmp_path):
+    from lingshu.usage import PREFIX
+
+    bench, logs = tmp_path / "ds" / "benchmarks", tmp_path / "ds" / "logs"
+    bench.mkdir(parents=True)
+    logs.mkdir()
+    for job in ("fit_a", "fit_b", "fit_c"):
+        (bench / f"{job}.tsv").write_text("s\tcpu_time\tmax_rss\n40.0\t15.0\t100\n")
+    # a job's own count; two ranks under torchrun add up; no usage line: Snakemake's figure
+    (logs / "fit_a.log").write_text(f"training...\n{PREFIX}" '{"command": "fit", "wall_s": 40, "cpu_s": 38.5}\n')
+    (logs / "fit_b.log").write_text(f"{PREFIX}" '{"cpu_s": 30}\n' f"{PREFIX}" '{"cpu_s": 31}\n')
+    (logs / "fit_c.log").write_text("ERROR: something failed\n")
+    table = benchmark_table([str(p) for p in sorted(bench.glob("*.tsv"))]).set_index("job")
+    assert table["cpu_s"].to_dict() == {"fit_a": 38.5, "fit_b": 61.0, "fit_c": 15.0}
+    assert table["cpu_from"].to_dict() == {"fit_a": "job log", "fit_b": "job log",
+                                           "fit_c": "Snakemake"}
+

@@ -324,9 +324,11 @@ def render_report(
     if benchmarks is not None and len(benchmarks):
         sections += [
             "<h2>Compute: wall time, CPU time and peak memory per job</h2>",
-            "<p>From Snakemake's <code>benchmark:</code> files. CPU time sums user and system "
-            "time over the job's processes; GPU time is not recorded by Snakemake (a GPU job "
-            "holds its GPU for its wall time).</p>",
+            "<p>Wall time and peak memory from Snakemake's <code>benchmark:</code> files. CPU "
+            "time sums user and system time over the job's processes, as the job itself counted "
+            "it (the usage line at the end of its log; <code>cpu_from</code>: job log) or, for "
+            "a job without one, as Snakemake sampled it (which misses what ran after its last "
+            "sample). GPU time is not recorded (a GPU job holds its GPU for its wall time).</p>",
             _frame_html(benchmarks.rename(columns={"wall_s": "wall time (s)", "cpu_s": "CPU time (s)",
                                                    "max_rss_mb": "peak RSS (MB)"}), 1),
         ]

@@ -23,6 +23,7 @@ from lingshu.evaluate.perturbation import (
     vcc_score,
 )
 from lingshu.io import read_table
+from lingshu.usage import read_cpu_seconds
 
 CEILING_ROW = "data ceiling"
 CONTROL_BASELINE = "control_mean"  # reference of the paper's average score
@@ -172,23 +173,28 @@ def to_markdown(table: pd.DataFrame) -> str:
 def benchmark_table(benchmark_files: list[str]) -> pd.DataFrame:
     """Wall time, CPU time and peak memory per job from Snakemake ``benchmark:`` TSVs.
 
-    The job is named by its path with the folders all files share removed (the workflow's
+    CPU time is the job's own count (the usage line that ends its log,
+    ``<results>/<dataset>/logs/<job>.log`` beside ``benchmarks/<job>.tsv``; see
+    :mod:`lingshu.usage`) where there is one, else Snakemake's sampled ``cpu_time``, which
+    misses what ran after its last sample; ``cpu_from`` says which. The job is named by its path with the folders all files share removed (the workflow's
     ``benchmarks/evaluate_linear.tsv`` -> ``evaluate_linear``; ``bench/fit/kang.tsv`` ->
     ``fit/kang`` beside other rules). Files that do not exist (jobs that have not run) are
     skipped; repeated measurements in one file are averaged.
     """
     paths = [Path(f) for f in benchmark_files if Path(f).exists()]
     if not paths:
-        return pd.DataFrame(columns=["job", "wall_s", "cpu_s", "max_rss_mb"])
+        return pd.DataFrame(columns=["job", "wall_s", "cpu_s", "cpu_from", "max_rss_mb"])
     common = Path(*_common_parts([p.parent.parts for p in paths]) or (".",))
     rows = []
     for path in paths:
         bench = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
         name = path.with_suffix("").relative_to(common).as_posix()
+        own = read_cpu_seconds(path.parent.parent / "logs" / f"{path.stem}.log")
         rows.append({
             "job": name,
             "wall_s": _column_mean(bench, "s"),
-            "cpu_s": _column_mean(bench, "cpu_time"),
+            "cpu_s": own if own is not None else _column_mean(bench, "cpu_time"),
+            "cpu_from": "job log" if own is not None else "Snakemake",
             "max_rss_mb": _column_mean(bench, "max_rss"),
         })
     return pd.DataFrame(rows).sort_values("job", ignore_index=True)
