@@ -8,6 +8,8 @@
     # a rival at a Lingshu-Cell budget's CPU-seconds (any registered model's block)
     python benchmarks/lingshu_budget.py study --model state --results results \\
         --datasets sim_stimulation --variant x6:steps=2400 --out benchmarks/out/state
+    # one table and figure from several study runs
+    python benchmarks/lingshu_budget.py merge benchmarks/out/*/budget.tsv --out benchmarks/out/all
     # seconds per training and sampling step at 1,000 / 7,000 / 18,080 genes
     python benchmarks/lingshu_budget.py genes --presets small --genes 1000 7000 18080
 
@@ -363,6 +365,27 @@ def genes(args) -> None:
                   f"{uncond_step:>27.3f} {budget:>18.0f}", flush=True)
 
 
+def merge(args) -> None:
+    """One table and one figure from several ``study`` outputs (each its own budget.tsv): the
+    pipeline run's rival rows once per dataset."""
+    tables = [pd.read_csv(Path(t), sep="\t") for t in args.tables]
+    table = pd.concat(tables, ignore_index=True)
+    # tables of older studies lack the model column: a pipeline row is named "[<model>]"
+    rival = table["variant"].str.startswith("[")
+    named = table["variant"].str.strip("[]").where(rival, "lingshu")
+    table["model"] = table["model"].fillna(named) if "model" in table else named
+    table = table.drop_duplicates(subset=["dataset", "model", "variant"], keep="first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "budget.tsv", sep="\t", index=False)
+    keep = ["dataset", "model", "variant", "cpu_total", "pre_bits@0.15", "pre_floor@0.15",
+            *[k for k, _, _ in QUALITY]]
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(table[[k for k in keep if k in table]].round(3).to_string(index=False))
+    plot(table, out / "budget.png")
+    print(f"wrote {out / 'budget.tsv'} and {out / 'budget.png'}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -385,11 +408,14 @@ def main(argv=None) -> None:
     g.add_argument("--genes", nargs="+", type=int, default=[1000, 7000, 18080])
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--repeats", type=int, default=3)
+    m = sub.add_parser("merge", help="one table and figure from several study outputs")
+    m.add_argument("tables", nargs="+", help="budget.tsv files written by study")
+    m.add_argument("--out", default="benchmarks/out/budget")
     args = parser.parse_args(argv)
     if args.cmd == "study" and not args.variant:
         args.variant = ["default:"]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    (study if args.cmd == "study" else genes)(args)
+    {"study": study, "genes": genes, "merge": merge}[args.cmd](args)
 
 
 if __name__ == "__main__":
