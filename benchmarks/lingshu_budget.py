@@ -16,7 +16,8 @@
 ``study`` runs, per dataset and variant, the pipeline's own commands (``python -m lingshu
 pretrain / generate / generation-eval / fit / predict / evaluate``) on the files a pipeline run
 left in ``--results`` (processed data, split, features, tokens, truth), each in its own process,
-and reads each one's CPU-seconds (user + system, from the OS). A variant is ``NAME:KEY=VALUE,...``
+and reads each one's CPU-seconds (user + system, from the OS: the usage line that ends its
+log, as the pipeline's cost table does). A variant is ``NAME:KEY=VALUE,...``
 applied over the config block of ``--model`` (``lingshu`` unless given; values parsed as YAML;
 ``NAME:`` alone is the block as configured), each stage run only where the model has it (the
 pre-training, unconditional generation). It prints, and writes to ``--out/budget.tsv``:
@@ -49,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -69,21 +69,19 @@ QUALITY = [("mmd", "MMD", False), ("celltype_tvd", "cell-type TVD", False),
 # study
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run_stage(name: str, argv: list[str], log: Path) -> float:
-    """Run ``python -m lingshu <argv>``; return its CPU-seconds. Raises with the log's tail."""
-    before, start = _children_cpu(), time.perf_counter()
+    """Run ``python -m lingshu <argv>``; return its CPU-seconds, the usage line that ends its
+    log (lingshu.usage: the count the pipeline's cost table reads). Raises with the log's tail."""
+    from lingshu.usage import read_cpu_seconds
+
+    start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run([sys.executable, "-m", "lingshu", *argv], stdout=fh,
                               stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
+    cpu = read_cpu_seconds(log)
+    if proc.returncode or cpu is None:
         tail = log.read_text().strip().splitlines()[-5:]
         raise SystemExit(f"{name} failed (log {log}):\n" + "\n".join(tail))
-    cpu = _children_cpu() - before
     print(f"  {name}: {time.perf_counter() - start:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
     return cpu
 
@@ -227,19 +225,11 @@ def study(args) -> None:
 
 
 def _cpu_of(res: Path, jobs: list[str]) -> float:
-    """The CPU-seconds of a pipeline run's jobs: each job's own count (the usage line of its
-    log, lingshu.usage), else Snakemake's sampled figure (a run of an older release)."""
-    from lingshu.usage import read_cpu_seconds
+    """The CPU-seconds of a pipeline run's jobs, as its report's cost table counts them."""
+    from lingshu.report.tables import benchmark_table
 
-    total = 0.0
-    for job in jobs:
-        own = read_cpu_seconds(res / "logs" / f"{job}.log")
-        path = res / "benchmarks" / f"{job}.tsv"
-        if own is not None:
-            total += own
-        elif path.exists():
-            total += float(pd.read_csv(path, sep="\t")["cpu_time"].iloc[-1])
-    return total
+    table = benchmark_table([str(res / "benchmarks" / f"{job}.tsv") for job in jobs])
+    return float(table["cpu_s"].sum())
 
 
 def rivals(res: Path, ds: str) -> list[dict]:

@@ -2,8 +2,8 @@
 
 Snakemake's ``benchmark:`` files sample a job's processes (every second for its first 30 s,
 then every 30 s), so a job's CPU time lacks whatever ran after the last sample: on the default
-run Lingshu-Cell's 36-second generation job was recorded at 15 CPU-seconds, a 55-second STATE
-fit at 45. Every ``python -m lingshu`` command instead ends its log with one line,
+run Lingshu-Cell's generation and prediction jobs (30 and 33 CPU-seconds by their own count)
+were recorded at 15 each, scLDM's fit (27) at 15. Every ``python -m lingshu`` command instead ends its log with one line,
 ``lingshu usage: {"command": ..., "wall_s": ..., "cpu_s": ...}``, where ``cpu_s`` is the user and
 system time the operating system counted for the process and for every process it started and
 waited for (a model's own subprocesses included, e.g. STATE's ``state tx train``). The

@@ -176,7 +176,9 @@ def benchmark_table(benchmark_files: list[str]) -> pd.DataFrame:
     CPU time is the job's own count (the usage line that ends its log,
     ``<results>/<dataset>/logs/<job>.log`` beside ``benchmarks/<job>.tsv``; see
     :mod:`lingshu.usage`) where there is one, else Snakemake's sampled ``cpu_time``, which
-    misses what ran after its last sample; ``cpu_from`` says which. The job is named by its path with the folders all files share removed (the workflow's
+    misses what ran after its last sample; ``cpu_from`` says which.
+
+    The job is named by its path with the folders all files share removed (the workflow's
     ``benchmarks/evaluate_linear.tsv`` -> ``evaluate_linear``; ``bench/fit/kang.tsv`` ->
     ``fit/kang`` beside other rules). Files that do not exist (jobs that have not run) are
     skipped; repeated measurements in one file are averaged.
