@@ -59,6 +59,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from lingshu.io import write_table
+
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY = [("mmd", "MMD", False), ("celltype_tvd", "cell-type TVD", False),
            ("pearson_mean", "gene-mean Pearson", True), ("pearson_delta", "Pearson-delta", True),
@@ -212,12 +214,12 @@ def study(args) -> None:
             row["cpu_total"] = sum(row.get(f"cpu_{s}", 0.0) for s in
                                    ("pretrain", "fit", "generate", "predict"))
             rows.append(row)
-            pd.DataFrame(rows).to_csv(out / "budget.tsv", sep="\t", index=False)
+            write_table(pd.DataFrame(rows), out / "budget.tsv")
             print("  " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                    if isinstance(v, float)), flush=True)
         rows.extend(rivals(Path(args.results) / ds, ds))
     table = pd.DataFrame(rows)
-    table.to_csv(out / "budget.tsv", sep="\t", index=False)
+    write_table(table, out / "budget.tsv")
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         print(table.round(4).to_string(index=False))
     plot(table, out / "budget.png")
@@ -367,7 +369,7 @@ def merge(args) -> None:
     table = table.drop_duplicates(subset=["dataset", "model", "variant"], keep="first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "budget.tsv", sep="\t", index=False)
+    write_table(table, out / "budget.tsv")
     keep = ["dataset", "model", "variant", "cpu_total", "pre_bits@0.15", "pre_floor@0.15",
             *[k for k, _, _ in QUALITY]]
     with pd.option_context("display.width", 250, "display.max_columns", 40):

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lingshu.io import write_table
+
 
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
               "(mae_changed) and on the rest (mae_rest)")
         print(table.round(3).to_string(index=False))
     if args.out:
-        table.to_csv(args.out, sep="\t", index=False)
+        write_table(table, args.out)
 
 
 if __name__ == "__main__":
