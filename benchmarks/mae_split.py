@@ -13,7 +13,12 @@ most from the context's real control cells (the truth file's) and the rest, and 
   half, scaled by 1/sqrt(2) to a sample the truth's size: what a model that samples cells
   from the true distribution pays for its cells' sampling noise alone (a model that predicts
   means pays none of it);
-- ``signed``: the mean of (predicted - true) over genes, a level bias.
+- ``signed``: the mean of (predicted - true) over genes, a level bias;
+- ``own_context``: the share of a model's predicted cells that lie nearer (Euclidean, in
+  log1p(CP10k)) to the mean of their own context's real control cells than to any other
+  context's (from ``processed.h5ad``, every context of the dataset): 1 for cells of the right
+  cell type; a model that carries one context's cell type into another's combinations pays it
+  on every marker gene (the truth's own cells get a row too).
 
 It reads ``results/<dataset>/truth.h5ad`` and every ``results/<dataset>/predictions/*.h5ad``
 (or ``--models``), prints one table and writes it to ``--out`` when given. Nothing here is a
@@ -30,6 +35,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lingshu.constants import CONTROL
+from lingshu.data.normalize import log1p_cp10k
 from lingshu.io import write_table
 
 
@@ -57,6 +64,25 @@ def split_mae(truth: ad.AnnData, pred: ad.AnnData, top: float) -> dict[str, floa
         out.append((err.mean(), err[changed].mean(), err[~changed].mean(),
                     (guess - true).mean()))
     return dict(zip(("mae", "mae_changed", "mae_rest", "signed"), np.mean(out, axis=0)))
+
+
+def control_centroids(processed: ad.AnnData) -> tuple[list[str], np.ndarray]:
+    """Every context's mean control cell in log1p(CP10k) of the processed counts."""
+    obs = processed.obs
+    contexts = sorted(map(str, obs["context"].unique()))
+    rows = (obs["perturbation"] == CONTROL).to_numpy()
+    x = _dense(log1p_cp10k(processed[rows].X))
+    ctx = obs["context"].astype(str).to_numpy()[rows]
+    return contexts, np.stack([x[ctx == c].mean(0) for c in contexts])
+
+
+def own_context_share(cells: ad.AnnData, contexts: list[str], centroids: np.ndarray) -> float:
+    """The share of ``cells`` nearest to their own context's centroid, over conditions."""
+    x, shares = _dense(cells.X), []
+    for ctx, rows in cells.obs.groupby("context", observed=True).indices.items():
+        d = ((x[rows, None, :] - centroids[None]) ** 2).sum(-1)
+        shares.append(np.mean(np.asarray(contexts)[d.argmin(1)] == str(ctx)))
+    return float(np.mean(shares))
 
 
 def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float, seed: int) -> dict:
@@ -90,6 +116,7 @@ def main(argv=None) -> None:
     for ds in args.datasets:
         res = Path(args.results) / ds
         truth = ad.read_h5ad(res / "truth.h5ad")
+        contexts, centroids = control_centroids(ad.read_h5ad(res / "processed.h5ad"))
         runs = args.models or sorted(f.stem for f in (res / "predictions").glob("*.h5ad"))
         conditions = None
         for run in runs:
@@ -97,10 +124,13 @@ def main(argv=None) -> None:
             if conditions is None:
                 conditions = (pred.obs[["perturbation", "context"]].astype(str)
                               .drop_duplicates())
-            rows.append({"dataset": ds, "model": run, **split_mae(truth, pred, args.top)})
+            rows.append({"dataset": ds, "model": run, **split_mae(truth, pred, args.top),
+                         "own_context": own_context_share(pred, contexts, centroids)})
         if conditions is not None:
             rows.append({"dataset": ds, "model": "[perfect sampler]",
                          **own_noise(truth, conditions, args.top, args.seed)})
+            held = truth[truth.obs["perturbation"] != CONTROL]
+            rows[-1]["own_context"] = own_context_share(held, contexts, centroids)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200):
         print(f"MAE on the {args.top:.0%} of genes each condition changes most "

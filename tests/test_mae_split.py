@@ -50,3 +50,20 @@ def test_perfect_sampler_noise_is_zero_without_spread_and_positive_with(mae_spli
     assert mae_split.own_noise(truth, cond, 0.1, seed=0)["mae"] == pytest.approx(0.0)
     truth.X[6:] += np.random.default_rng(0).normal(0, 1, (6, 10)).astype(np.float32)
     assert mae_split.own_noise(truth, cond, 0.1, seed=0)["mae"] > 0.1
+
+
+def test_own_context_share_counts_cells_of_the_wrong_cell_type(mae_split):
+    """Counts of two contexts whose controls differ in which genes they express: cells of
+    context A predicted with B's profile count against A's share, the truth scores 1."""
+    a, b = np.array([20, 20, 0, 0, 5]), np.array([0, 0, 20, 20, 5])
+    counts = np.vstack([np.tile(a, (3, 1)), np.tile(b, (3, 1))]).astype(np.float32)
+    processed = ad.AnnData(X=counts, obs=pd.DataFrame(
+        {"perturbation": "control", "context": ["A"] * 3 + ["B"] * 3},
+        index=[f"c{i}" for i in range(6)]))
+    contexts, centroids = mae_split.control_centroids(processed)
+    assert contexts == ["A", "B"]
+    logged = np.log1p(np.vstack([a, a, b, b]) / np.vstack([a, a, b, b]).sum(1, keepdims=True) * 1e4)
+    cells = ad.AnnData(X=logged.astype(np.float32), obs=pd.DataFrame(
+        {"perturbation": "P", "context": ["A", "A", "A", "B"]}, index=list("wxyz")))
+    # A: two of three cells look like A (the third has B's profile); B: its one cell is B
+    assert mae_split.own_context_share(cells, contexts, centroids) == pytest.approx((2 / 3 + 1) / 2)
