@@ -214,3 +214,22 @@ def test_cond_head_starts_at_zero_and_reaches_every_gene_without_attention():
                                    ranked(tokens, **kw)[select], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cond_head_rank"):
         NetworkConfig(n_genes=4, cond_head_rank=-1)
+
+
+def test_cond_head_codes_start_from_the_context_alone():
+    """The perturbation's half of the cond_head input projection starts at zero: at the start
+    of fine-tuning the path's code points the same way for every perturbation of a context
+    (the joint RMSNorm only rescales it) and differs between contexts; the perturbation half
+    still receives gradients once the path carries a shift."""
+    net = conditional(cond_head_rank=3)
+    D = net.cfg.d_model
+    assert torch.count_nonzero(net.cond_head_down.weight[:, D:]) == 0
+    cond = net.condition_tokens(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 1]))
+    z = net.cond_head_down(net.cond_head_norm(cond.reshape(3, -1)))
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(z[0], z[1], dim=0) > 1 - 1e-5
+    assert cos(z[0], z[2], dim=0) < 0.99
+    with torch.no_grad():
+        net.cond_head_up.normal_(0, 1.0)
+    net(random_tokens(), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])).square().mean().backward()
+    assert net.cond_head_down.weight.grad[:, D:].abs().sum() > 0
