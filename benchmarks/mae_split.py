@@ -77,7 +77,7 @@ def control_centroids(processed: ad.AnnData) -> tuple[list[str], np.ndarray]:
 
 
 def own_context_share(cells: ad.AnnData, contexts: list[str], centroids: np.ndarray) -> float:
-    """The share of ``cells`` nearest to their own context's centroid, over conditions."""
+    """The share of ``cells`` nearest to their own context's centroid, averaged over contexts."""
     x, shares = _dense(cells.X), []
     for ctx, rows in cells.obs.groupby("context", observed=True).indices.items():
         d = ((x[rows, None, :] - centroids[None]) ** 2).sum(-1)

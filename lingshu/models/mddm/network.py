@@ -267,7 +267,7 @@ class LingshuNetwork(nn.Module):
             # token tells (cell type) and the perturbation's code only then what remains (its
             # response). Started at random, both codes learnt cell-type identity at once: a
             # perturbation trained in one context carried that context's cell type into
-            # held-out combinations (sim_stimulation: 28% of the cells predicted for a type B
+            # held-out combinations (sim_stimulation: 33% of the cells predicted for a type B
             # combination sat nearest the type C centroid; README, "Lingshu-Cell at CPU scale").
             nn.init.zeros_(self.cond_head_down.weight[:, D:])
         for name, p in self.named_parameters():  # residual output projections, as GPT-2 / nanoGPT
