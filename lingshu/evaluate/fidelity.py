@@ -232,6 +232,24 @@ def ilisi(real_pcs: np.ndarray, generated_pcs: np.ndarray, perplexity: float = 3
     return float((np.median(lisi) - 1.0) / (2.0 - 1.0))
 
 
+def celltype_classifier(train_X, train_labels, seed: int = 0):
+    """The cell-type classifier of :func:`celltype_proportions`, fitted: PCA
+    (``min(50, n_train - 1, n_genes)`` components, no scaling) then
+    ``LogisticRegression(max_iter=2000)``, both seeded. train_X: (n_train, n_genes) in
+    log1p(CP10k), dense or sparse; train_labels: (n_train,), at least two classes."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    labels = np.asarray(train_labels).astype(str)
+    if len(set(labels)) < 2:
+        raise ValueError("celltype_classifier: the training labels hold fewer than two classes")
+    k = max(1, min(50, train_X.shape[0] - 1, train_X.shape[1]))
+    clf = make_pipeline(PCA(n_components=k, random_state=seed),
+                        LogisticRegression(max_iter=2000, random_state=seed))
+    return clf.fit(_dense(train_X), labels)
+
+
 def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X,
                          seed: int = 0) -> dict:
     """Cell-type shares of generated cells against those of real cells, both as judged by a
@@ -281,14 +299,7 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
         # 1.0 whenever the real cells are that one class too (the single-class case)
         accuracy = float(np.mean(real_labels == train_classes[0]))
     else:
-        from sklearn.decomposition import PCA
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-
-        k = max(1, min(50, train_X.shape[0] - 1, train_X.shape[1]))
-        clf = make_pipeline(PCA(n_components=k, random_state=seed),
-                            LogisticRegression(max_iter=2000, random_state=seed))
-        clf.fit(_dense(train_X), train_labels)
+        clf = celltype_classifier(train_X, train_labels, seed)
         real_predicted = clf.predict(_dense(real_X)).astype(str)
         accuracy = float(np.mean(real_predicted == real_labels))
         predicted = clf.predict(_dense(generated_X)).astype(str)
