@@ -50,7 +50,8 @@ from lingshu.tokens import dequantize_tokens, quantize_counts
 
 NB_TOKENS = 32  # the naive-Bayes tables merge tokens >= 31 (counts >= 31) into one
 AMBIGUOUS = 0.6  # a cell whose highest class probability is below this has no clear type
-MAX_CLASSIFIER_CELLS = 4000
+MAX_CLASSIFIER_CELLS = 4000  # as the generation table's classifier
+MAX_NAIVE_BAYES_CELLS = 20_000  # training cells the naive-Bayes tables are counted on (at most)
 
 
 def _dense(x) -> np.ndarray:
@@ -132,8 +133,10 @@ def run_dataset(folder: Path, checkpoint: Path, n_cells: int, fractions, steps: 
     clf_rows = np.sort(rng.permutation(train)[:MAX_CLASSIFIER_CELLS])
     classifier = celltype_classifier(_log1p(adata.X[clf_rows]), labels[clf_rows], seed)
     classes = [str(c) for c in classifier.classes_]
-    nb = naive_bayes_tables(np.asarray(quantize_counts(_dense(adata.X[train]).astype(np.int64))),
-                            labels[train], classes)
+    nb_rows = train if train.size <= MAX_NAIVE_BAYES_CELLS else np.sort(
+        np.random.default_rng(seed + 1).choice(train, MAX_NAIVE_BAYES_CELLS, replace=False))
+    nb = naive_bayes_tables(np.asarray(quantize_counts(_dense(adata.X[nb_rows]).astype(np.int64))),
+                            labels[nb_rows], classes)
     ref = split.rows(SPLIT_REFERENCE)
     ref = np.sort(rng.choice(ref, size=min(n_cells, ref.size), replace=False))
     tokens = torch.as_tensor(np.asarray(quantize_counts(_dense(adata.X[ref]).astype(np.int64))),
