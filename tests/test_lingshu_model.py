@@ -130,6 +130,7 @@ def test_cond_lr_scale_must_be_positive():
 @pytest.mark.parametrize("network, field", [
     ({"cond_head_rank": -2}, "models.lingshu.network.cond_head_rank: -2"),
     ({"cond_head_rank": 1.5}, "models.lingshu.network.cond_head_rank: 1.5"),
+    ({"gene_head_rank": -1}, "models.lingshu.network.gene_head_rank: -1"),
     ({"cond_hed_rank": 2}, r"models.lingshu.network: \['cond_hed_rank'\] are not network options"),
 ])
 def test_bad_network_options_name_the_field_and_the_fix(network, field):
@@ -247,3 +248,31 @@ def test_numeric_options_written_as_yaml_text_are_numbers_and_bad_ones_name_the_
         build_model("lingshu", {**TINY, "batch_size": 6.5})
     with pytest.raises(InputError, match=r"models\.lingshu\.ema_decay: True is not a number"):
         build_model("lingshu", {**TINY, "ema_decay": True})
+
+
+def test_gene_head_readout_pretrains_fine_tunes_and_reloads(tmp_path):
+    """``network: {gene_head_rank: r}``: pre-training trains the per-gene readout, fine-tuning
+    starts from it (its weights carried over, not re-initialised) and a saved model predicts
+    the same after reloading."""
+    adata = make_processed(n_genes=24, perts=("G1", "G2", "G3"), n_per=20, n_ctrl=40)
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["G2"]}, seed=0)
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    params = {**TINY, "pretrain_steps": 10, "finetune_steps": 10,
+              "network": {"cond_head_rank": 2, "gene_head_rank": 2}}
+    model = build_model("lingshu", params)
+    pre = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path),
+                        include_control_input=True)
+    model.pretrain(pre, tmp_path / "pretrain.pt")
+    model.load_pretrained(tmp_path / "pretrain.pt")
+    pretrained = model.pretrained.gene_head_up.detach().clone()
+    assert pretrained.abs().max() > 0  # trained from zero
+    data = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path))
+    model.fit(data, init=tmp_path / "pretrain.pt")
+    moved = (model.net.gene_head_up.detach() - pretrained).abs().max()
+    assert 0 < moved < pretrained.abs().max()  # fine-tuned from the pre-trained readout
+    model.save(tmp_path / "model.npz")
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
+    again = predict_conditions(load_model(str(tmp_path / "model.npz")), adata, split, seed=0,
+                               progress=False)
+    assert (pred.X != again.X).nnz == 0

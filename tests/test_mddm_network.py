@@ -233,3 +233,27 @@ def test_cond_head_codes_start_from_the_context_alone():
         net.cond_head_up.normal_(0, 1.0)
     net(random_tokens(), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])).square().mean().backward()
     assert net.cond_head_down.weight.grad[:, D:].abs().sum() > 0
+
+
+def test_gene_head_readout_starts_at_zero_and_shifts_each_gene_its_own_way():
+    """``gene_head_rank``: logits of gene g gain A_g (P h_g). It starts at zero (the paper's
+    head), the selected-logits path equals the full one, gradients reach both factors, and
+    the same hidden vector shifts two genes' tokens differently, which the shared head cannot
+    (one Linear(D, 281) for every gene: equal vectors give equal shifts)."""
+    plain, net = tiny(), tiny(gene_head_rank=3)
+    tokens = random_tokens()
+    net.load_state_dict(plain.state_dict(), strict=False)  # same weights but the readout
+    assert torch.allclose(net(tokens), plain(tokens), atol=1e-6)  # zero at the start
+    torch.nn.init.normal_(net.gene_head_up)
+    select = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.allclose(net(tokens, select=select), net(tokens)[select], atol=1e-5)
+    net(tokens, select=select).square().sum().backward()
+    assert net.gene_head_up.grad.abs().sum() > 0 and net.gene_head_down.weight.grad.abs().sum() > 0
+    h = torch.randn(1, 4, 32)  # one hidden vector given to genes 0 and 1 through the head
+    h = torch.cat([h[:, :1], h[:, :1]], dim=1)
+    z = net.gene_head_down(h)  # (1, 2, r)
+    shift = torch.einsum("bgr,rgv->bgv", z, net.gene_head_up[:, :2])
+    assert not torch.allclose(shift[0, 0], shift[0, 1])
+    assert torch.allclose(net.head(h)[0, 0], net.head(h)[0, 1])
+    with pytest.raises(ValueError, match="gene_head_rank"):
+        NetworkConfig(n_genes=G, gene_head_rank=-1)

@@ -283,6 +283,11 @@ class LingshuCell(PerturbationModel):
             raise input_error("config", "models.lingshu.network",
                               f"{unknown} are not network options",
                               f"use only {sorted(known)}")
+        gene_rank = network.get("gene_head_rank", 0)
+        if isinstance(gene_rank, bool) or not isinstance(gene_rank, int) or gene_rank < 0:
+            raise input_error("config", "models.lingshu.network.gene_head_rank",
+                              f"{gene_rank!r} is not a whole number >= 0",
+                              "set 0 (off, the paper's head) or a rank such as 8")
         rank = network.get("cond_head_rank", 0)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise input_error("config", "models.lingshu.network.cond_head_rank",

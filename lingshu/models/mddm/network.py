@@ -55,6 +55,12 @@ class NetworkConfig:
     # gene's logits (a condition-dependent shift of the per-gene bias, zero at the start),
     # beside the route through attention; 0 = off (the paper's head)
     cond_head_rank: int = 0
+    # ours, not the paper's: a per-gene rank-r readout added to the head, logits of gene g +=
+    # A_g (P h_g) (P: D -> r shared, A: (r, G, 281), zero at the start), so that a state every
+    # gene's vector carries (e.g. which cell type the visible genes point to) shifts each
+    # gene's tokens its own way; the paper's head is one Linear(D, 281) shared over genes plus
+    # a per-gene bias, so such a shift must be spelt out per gene group by the layers; 0 = off
+    gene_head_rank: int = 0
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     seed: int = 0  # seed of the fixed gene permutation
@@ -66,6 +72,8 @@ class NetworkConfig:
             raise ValueError(
                 f"NetworkConfig: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even width (RoPE)"
             )
+        if self.gene_head_rank < 0:
+            raise ValueError(f"NetworkConfig: gene_head_rank must be >= 0, got {self.gene_head_rank}")
         if self.cond_head_rank < 0:
             raise ValueError(f"NetworkConfig: cond_head_rank must be >= 0, got {self.cond_head_rank}")
         if (self.n_contexts > 0) != (self.n_perturbations > 0):
@@ -240,6 +248,10 @@ class LingshuNetwork(nn.Module):
         self.expand = nn.Linear(D, S * D, bias=False)
         self.head = nn.Linear(D, N_EXPR_TOKENS, bias=False)  # shared over genes
         self.head_bias = nn.Parameter(torch.zeros(G, N_EXPR_TOKENS))  # per-gene bias
+        if cfg.gene_head_rank:
+            self.gene_head_down = nn.Linear(D, cfg.gene_head_rank, bias=False)
+            # (r, G, 281), zero: the head starts as the paper's
+            self.gene_head_up = nn.Parameter(torch.zeros(cfg.gene_head_rank, G, N_EXPR_TOKENS))
 
         if cfg.conditional:
             self.context_emb = nn.Embedding(cfg.n_contexts, D)
@@ -380,9 +392,15 @@ class LingshuNetwork(nn.Module):
             x = x.reshape(B, -1, cfg.d_model)  # (B, G_pad, D) in permuted gene order
             h = x[b, self.gene_perm_inv[g]]  # (K, D)
             logits = self.head(h) + self.head_bias[g]  # (K, 281)
+            if cfg.gene_head_rank:
+                z = self.gene_head_down(h)  # (K, r)
+                for i in range(cfg.gene_head_rank):  # one (K, 281) gather at a time
+                    logits = logits + z[:, i : i + 1] * self.gene_head_up[i, g]
             return logits if head_cond is None else logits + self.cond_head_shift(head_cond, b, g)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         logits = self.head(x) + self.head_bias  # (B, G, 281)
+        if cfg.gene_head_rank:
+            logits = logits + torch.einsum("bgr,rgv->bgv", self.gene_head_down(x), self.gene_head_up)
         return logits if head_cond is None else logits + self.cond_head_shift(head_cond)
 
     # -- accounting ------------------------------------------------------------------------
