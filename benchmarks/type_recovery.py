@@ -44,13 +44,14 @@ from lingshu.constants import CONTEXT_COL, SPLIT_REFERENCE, SPLIT_TRAIN
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.data.split import read_split
 from lingshu.evaluate.fidelity import celltype_classifier
+from lingshu.evaluate.generation import MAX_CLASSIFIER_CELLS
 from lingshu.io import write_table
+from lingshu.models.mddm.diagnostics import marginal_log_probs
 from lingshu.models.mddm.diffusion import sample
 from lingshu.tokens import dequantize_tokens, quantize_counts
 
 NB_TOKENS = 32  # the naive-Bayes tables merge tokens >= 31 (counts >= 31) into one
 AMBIGUOUS = 0.6  # a cell whose highest class probability is below this has no clear type
-MAX_CLASSIFIER_CELLS = 4000  # as the generation table's classifier
 MAX_NAIVE_BAYES_CELLS = 20_000  # training cells the naive-Bayes tables are counted on (at most)
 
 
@@ -65,15 +66,14 @@ def _log1p(counts) -> np.ndarray:
 
 def naive_bayes_tables(tokens: np.ndarray, labels: np.ndarray, classes: list[str]):
     """Log prior (K,) and log token probabilities (K, G, NB_TOKENS) per class, from training
-    tokens (n, G) with tokens >= NB_TOKENS - 1 merged, add-half smoothed."""
-    tok = np.minimum(tokens, NB_TOKENS - 1)
+    tokens (n, G) with tokens >= NB_TOKENS - 1 merged, add-half smoothed (the diagnostics'
+    per-context tables, :func:`~lingshu.models.mddm.diagnostics.marginal_log_probs`, on the
+    merged tokens)."""
+    labels = np.asarray(labels).astype(str)
     prior = np.log(np.array([np.mean(labels == c) for c in classes]))
-    table = np.empty((len(classes), tokens.shape[1], NB_TOKENS))
-    for k, c in enumerate(classes):
-        rows = tok[labels == c]
-        counts = np.stack([(rows == v).sum(0) for v in range(NB_TOKENS)], axis=1) + 0.5
-        table[k] = np.log(counts / counts.sum(1, keepdims=True))
-    return prior, table
+    tables = marginal_log_probs([(np.minimum(tokens, NB_TOKENS - 1), labels)], vocab=NB_TOKENS,
+                                pseudo=0.5 * NB_TOKENS)  # (c + 0.5) / (n + NB_TOKENS / 2)
+    return prior, np.stack([tables[c] for c in classes])
 
 
 def naive_bayes_predict(prior: np.ndarray, table: np.ndarray, tokens: np.ndarray,
