@@ -283,17 +283,12 @@ class LingshuCell(PerturbationModel):
             raise input_error("config", "models.lingshu.network",
                               f"{unknown} are not network options",
                               f"use only {sorted(known)}")
-        gene_rank = network.get("gene_head_rank", 0)
-        if isinstance(gene_rank, bool) or not isinstance(gene_rank, int) or gene_rank < 0:
-            raise input_error("config", "models.lingshu.network.gene_head_rank",
-                              f"{gene_rank!r} is not a whole number >= 0",
-                              "set 0 (off, the paper's head) or a rank such as 8")
-        rank = network.get("cond_head_rank", 0)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise input_error("config", "models.lingshu.network.cond_head_rank",
-                              f"{rank!r} is not a whole number >= 0",
-                              "set 0 (off, the paper's head) or a rank such as 16 (the "
-                              "default config)")
+        for key, example in (("gene_head_rank", "8"), ("cond_head_rank", "16 (the default config)")):
+            rank = network.get(key, 0)
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise input_error("config", f"models.lingshu.network.{key}",
+                                  f"{rank!r} is not a whole number >= 0",
+                                  f"set 0 (off, the paper's head) or a rank such as {example}")
 
     def training_settings(self) -> dict[str, Any]:
         """The settings that shape training (what resumable state is tied to): all but the
