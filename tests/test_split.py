@@ -46,9 +46,11 @@ def test_heldout_combinations_keep_perturbation_seen_elsewhere(tiny_processed):
     train = cells[cells[SPLIT_TRAIN]]
     assert not ((train["context"] == "A") & (train["perturbation"] == "G2")).any()
     assert ((train["context"] == "B") & (train["perturbation"] == "G2")).any()
-    # the context's controls are seen in training and also handed to the models
+    # the context's controls are seen in training (but for those drawn into the generation
+    # reference) and all of them are handed to the models
     ctrl_a = (cells["context"] == "A") & (cells["perturbation"] == "control")
-    assert cells.loc[ctrl_a, SPLIT_TRAIN].all() and cells.loc[ctrl_a, SPLIT_CONTROL_INPUT].all()
+    assert cells.loc[ctrl_a, SPLIT_CONTROL_INPUT].all()
+    assert (cells.loc[ctrl_a, SPLIT_TRAIN] ^ cells.loc[ctrl_a, SPLIT_REFERENCE]).all()
     assert not cells.loc[cells["context"] == "B", SPLIT_CONTROL_INPUT].any()
 
 
@@ -145,6 +147,38 @@ def test_reference_cells_are_kept_out_of_training_and_seeded(tiny_processed):
     cells.loc[cells.index[ref.to_numpy()][0], SPLIT_TRAIN] = True
     with pytest.raises(InputError, match="generation-reference"):
         check_no_leakage(cells, "heldout_perturbations")
+
+
+def test_reference_has_the_training_cells_composition_when_control_inputs_train(tiny_processed):
+    """heldout_combinations hands the test contexts' training controls to the models; the
+    reference is drawn from them too, so it has the training cells' composition, and the
+    unconditional pre-training (which adds the control inputs) still never sees it."""
+    from conftest import make_entry
+
+    from lingshu.models.harness import training_data
+
+    spec = {"kind": "heldout_combinations",
+            "test_combinations": [{"context": "A", "perturbation": "G2"},
+                                  {"context": "B", "perturbation": "G3"}],
+            "reference_fraction": 0.5}
+    cells = make_split(tiny_processed.obs, spec, seed=0).cells
+    ref, train = cells[SPLIT_REFERENCE], cells[SPLIT_TRAIN]
+    # every control cell is a control input here; half of all would-be training cells drawn
+    assert (cells.loc[cells["perturbation"] == "control", SPLIT_CONTROL_INPUT]).all()
+    assert ref.sum() == round(0.5 * (ref | train).sum())
+    assert (ref & cells[SPLIT_CONTROL_INPUT]).sum() > 0
+    assert not (ref & (train | cells[SPLIT_TEST])).any()
+    check_no_leakage(cells, "heldout_combinations")
+    # the reference's share of controls follows the training pool's, within sampling noise
+    is_ctrl = cells["perturbation"] == "control"
+    pool = ref | train
+    assert abs(is_ctrl[ref].mean() - is_ctrl[pool].mean()) < 0.1
+    entry = make_entry("stimulation", split=spec)
+    split = make_split(tiny_processed.obs, spec, seed=0)
+    pre = training_data(tiny_processed, split, None, seed=0, entry=entry,
+                        include_control_input=True)
+    # the training cells and nothing else: every control input here trains or is reference
+    assert len(pre.obs) == int(train.sum())
 
 
 def test_split_folder_and_rows(tmp_path, tiny_processed):

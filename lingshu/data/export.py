@@ -13,8 +13,10 @@ Per dataset, ``results/<dataset>/export/`` receives what a model may see, and no
   the split's seed and the format a prediction must have to be scored (a ``kind: external``
   model entry, :mod:`lingshu.models.external`).
 
-Held-out truth cells, reference cells and cells of excluded perturbations are never written.
-Every file is written atomically, the manifest last.
+Held-out truth cells and cells of excluded perturbations are never written; reference cells
+only where they are control inputs (a control input that trains may be drawn into the
+reference), as every model in the pipeline gets them. Every file is written atomically, the
+manifest last.
 """
 
 from __future__ import annotations

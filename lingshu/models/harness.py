@@ -115,16 +115,17 @@ def training_data(adata: ad.AnnData, split: Split, features: pd.DataFrame | None
                   tokens=None) -> TrainingData:
     """The training cells' counts and labels, with the shared perturbation features.
 
-    include_control_input: also hand over the control input cells (for unconditional
-    pre-training on every cell that is not held-out truth).
+    include_control_input: also hand over the control input cells that are not reference cells
+    (for unconditional pre-training on every cell that is neither held-out truth nor reference).
     tokens: a :class:`~lingshu.data.tokenstore.TokenStore` of every processed cell; the
         training cells' rows of it are handed over instead of their counts (which are then
         never read).
     With ``adata`` backed the counts are handed over as rows of the file, read on demand.
     """
     train = split.rows(SPLIT_TRAIN, adata.obs_names)
-    if include_control_input:
-        train = np.union1d(train, split.rows(SPLIT_CONTROL_INPUT))
+    if include_control_input:  # never the reference cells, some of which may be control inputs
+        extra = np.setdiff1d(split.rows(SPLIT_CONTROL_INPUT), split.reference_rows())
+        train = np.union1d(train, extra)
     cols = [c for c in (PERT_COL, CONTEXT_COL, BATCH_COL) if c in adata.obs]
     # Every label a model may be asked about: the data's, and those only the feature table
     # knows (a screen's candidates, lingshu.data.candidates), so that each has its targets.
