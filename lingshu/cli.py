@@ -178,11 +178,9 @@ def cmd_generation_eval(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from lingshu.jit_cache import DE_MODULES, enable_numba_cache
+    from lingshu.jit_cache import enable_numba_cache
 
-    # numba code compiled once per machine, not once per job; only the DE tests' (importing
-    # umap for its cache would cost about 1 CPU-second a job, and cell-eval never calls it)
-    enable_numba_cache(DE_MODULES)
+    enable_numba_cache()  # numba code compiled once per machine, not once per job
     from lingshu.evaluate.perturbation import evaluate_to_dir
 
     evaluate_to_dir(args.truth, args.pred, args.outdir, threads=args.threads,

@@ -23,11 +23,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Modules whose module-level numba functions have no cache of their own: those of cell-eval's
-# differential-expression tests (all an evaluate job compiles), and umap's (the report's UMAP).
-DE_MODULES = ("numba_mwu", "pdex._math", "pdex")
-MODULES = (*DE_MODULES, "umap.umap_", "umap.utils", "umap.layouts", "umap.sparse",
-           "umap.distances")
+# Modules whose module-level numba functions have no cache of their own.
+MODULES = ("numba_mwu", "pdex._math", "pdex", "umap.umap_", "umap.utils", "umap.layouts",
+           "umap.sparse", "umap.distances")
 
 
 def cache_dir() -> Path:
