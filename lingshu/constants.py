@@ -19,6 +19,11 @@ SPLIT_TRAIN = "in_train"  # the cell may be used to fit models
 SPLIT_TEST = "in_test"  # the cell is held-out truth for a test condition
 SPLIT_CONTROL_INPUT = "in_control_input"  # control cell handed to models at prediction time
 SPLIT_REFERENCE = "in_reference"  # kept out of all training: the generation-fidelity reference
+# How splits are drawn; raised whenever the same config and seed would draw another split, so
+# that the split rule's params change and Snakemake re-makes an older results folder's split
+# and everything after it. 2: the reference is drawn from every cell that would otherwise
+# train, control inputs that train included (1: from training conditions' other cells).
+SPLIT_VERSION = 2
 
 # Expression space of predictions and of the truth used for evaluation.
 TARGET_SUM = 1e4  # log1p(counts / library * 1e4), the CP10k convention of SPEC 5

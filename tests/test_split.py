@@ -161,7 +161,8 @@ def test_reference_has_the_training_cells_composition_when_control_inputs_train(
             "test_combinations": [{"context": "A", "perturbation": "G2"},
                                   {"context": "B", "perturbation": "G3"}],
             "reference_fraction": 0.5}
-    cells = make_split(tiny_processed.obs, spec, seed=0).cells
+    split = make_split(tiny_processed.obs, spec, seed=0)
+    cells = split.cells
     ref, train = cells[SPLIT_REFERENCE], cells[SPLIT_TRAIN]
     # every control cell is a control input here; half of all would-be training cells drawn
     assert (cells.loc[cells["perturbation"] == "control", SPLIT_CONTROL_INPUT]).all()
@@ -174,7 +175,6 @@ def test_reference_has_the_training_cells_composition_when_control_inputs_train(
     pool = ref | train
     assert abs(is_ctrl[ref].mean() - is_ctrl[pool].mean()) < 0.1
     entry = make_entry("stimulation", split=spec)
-    split = make_split(tiny_processed.obs, spec, seed=0)
     pre = training_data(tiny_processed, split, None, seed=0, entry=entry,
                         include_control_input=True)
     # the training cells and nothing else: every control input here trains or is reference

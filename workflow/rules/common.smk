@@ -5,6 +5,7 @@ import json
 import os
 
 from lingshu import plan
+from lingshu.constants import SPLIT_VERSION
 from lingshu.models.spec import all_specs, parse_run
 
 R = config["results_dir"]

@@ -11,6 +11,8 @@ rule split:
         seed=config["seed"],
         lists=lambda w: split_lists(w.dataset),
         outdir=lambda w, output: os.path.dirname(output[0]),
+        # how splits are drawn (lingshu.constants): a new version re-makes older splits
+        version=SPLIT_VERSION,
     log:
         f"{R}/{{dataset}}/logs/split.log",
     benchmark:
