@@ -135,7 +135,7 @@ def make_generation_dir(folder):
 
 
 def test_evaluation_writes_scores_and_the_report_draws_the_figures(tmp_path):
-    from lingshu.evaluate.generation import REAL_FLOOR, REAL_REFERENCE
+    from lingshu.evaluate.generation import INDEPENDENT, REAL_FLOOR, REAL_REFERENCE
     from lingshu.io import read_table
 
     gen_dir = tmp_path / "generation"
@@ -144,7 +144,7 @@ def test_evaluation_writes_scores_and_the_report_draws_the_figures(tmp_path):
     assert sorted(p.name for p in gen_dir.iterdir()) == [
         "cell_types.tsv", "model_a.h5ad", "reference.h5ad", "table.tsv"]
     table = read_table(gen_dir / "table.tsv")
-    assert list(table["model"]) == ["model_a", REAL_FLOOR, REAL_REFERENCE]
+    assert list(table["model"]) == ["model_a", REAL_FLOOR, INDEPENDENT, REAL_REFERENCE]
     reference = ad.read_h5ad(gen_dir / "reference.h5ad")
     assert reference.n_obs == split.reference_rows().size
     assert list(reference.obs_names) == list(split.cells.index[split.reference_rows()])
@@ -161,6 +161,35 @@ def test_evaluation_writes_scores_and_the_report_draws_the_figures(tmp_path):
     assert "model_a" in figs.to_markdown(drawn)
     assert sorted(p.name for p in gen_dir.iterdir()) == [  # the scores are left as they were
         "cell_types.tsv", "model_a.h5ad", "reference.h5ad", "table.tsv"]
+
+
+def test_independent_genes_keep_each_gene_s_marginal_and_break_the_cell_types():
+    """Two cell types with opposite marker genes: the independent-genes cells draw each gene
+    from the pool's own values (its marginal), so markers of both types meet in one cell, which
+    no real cell has; the draw is seeded."""
+    from lingshu.data.normalize import log1p_cp10k
+    from lingshu.evaluate.generation import independent_genes
+
+    a = np.array([[9, 0, 1, 2], [8, 0, 3, 2], [7, 0, 2, 2]], np.float32)  # type A: gene 0 on
+    b = np.array([[0, 6, 1, 2], [0, 5, 3, 2], [0, 4, 2, 2]], np.float32)  # type B: gene 1 on
+    counts = np.vstack([a, b])
+    pool = ad.AnnData(X=np.zeros_like(counts), var=pd.DataFrame(index=list("wxyz")))
+    pool.layers["counts"] = sp.csr_matrix(counts)
+    cells = independent_genes(pool, 4000, np.random.default_rng(0))
+    drawn = cells.layers["counts"].toarray()
+    assert drawn.shape == (4000, 4) and list(cells.var_names) == list("wxyz")
+    for g in range(4):  # each gene's values come from its own column, at its own frequencies
+        values, freq = np.unique(drawn[:, g], return_counts=True)
+        want, want_freq = np.unique(counts[:, g], return_counts=True)
+        np.testing.assert_array_equal(values, want)
+        np.testing.assert_allclose(freq / 4000, want_freq / 6, atol=0.03)
+    both_on = np.mean((drawn[:, 0] > 0) & (drawn[:, 1] > 0))
+    assert abs(both_on - 0.25) < 0.03  # real cells: never
+    expect = log1p_cp10k(sp.csr_matrix(drawn))
+    expect = expect.toarray() if sp.issparse(expect) else np.asarray(expect)
+    np.testing.assert_allclose(cells.X.toarray(), expect, rtol=1e-5)
+    again = independent_genes(pool, 4000, np.random.default_rng(0)).layers["counts"]
+    assert (again != cells.layers["counts"]).nnz == 0
 
 
 def test_the_table_gives_library_size_and_detected_genes_beside_the_reference(tmp_path):

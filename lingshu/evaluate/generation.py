@@ -7,7 +7,11 @@ dataset). The report draws the figures from those files (:mod:`lingshu.report.ge
 The real cells are the split's *reference* cells: a seeded random sample of the cells of
 training conditions that no model trained on. Each model generates as many cells as there are
 reference cells. A ``real (training cells)`` row compares an equally large random sample of
-training cells with the same reference: the sampling floor no model can beat at that size.
+training cells with the same reference: the sampling floor no model can beat at that size. An
+``independent genes`` row scores cells whose every gene is drawn on its own from the training
+cells (:func:`independent_genes`): each gene's marginal exactly and no dependence between genes,
+so a model that scores no better on a metric has learnt no gene-gene dependence it measures
+(on cell-type shares, for instance: which type a cell is).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REAL_FLOOR = "real (training cells)"
 REAL_REFERENCE = "real (reference cells)"
+INDEPENDENT = "independent genes (training marginals)"
 MAX_CLASSIFIER_CELLS = 4000  # training cells the cell-type classifier learns from (at most)
 TABLE_COLUMNS = FIDELITY_METRICS  # the layout of the paper's Table 1
 TABLE, CELL_TYPES, REFERENCE = "table.tsv", "cell_types.tsv", "reference.h5ad"
@@ -49,6 +54,24 @@ def _real(adata: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
                      var=pd.DataFrame(index=adata.var_names.astype(str)))
     out.layers["counts"] = counts
     return out
+
+
+def independent_genes(pool: ad.AnnData, n_cells: int, rng: np.random.Generator) -> ad.AnnData:
+    """``n_cells`` cells whose count of each gene is that gene's count in a random cell of
+    ``pool`` (raw counts in ``layers['counts']``), drawn for every gene on its own: the pool's
+    marginal of every gene and no dependence between genes. Same layout as the real sets
+    (log1p(CP10k) in X, counts in ``layers['counts']``)."""
+    counts = sp.csc_matrix(pool.layers["counts"])  # (pool, G): one column per gene
+    picks = rng.integers(0, pool.n_obs, size=(n_cells, pool.n_vars))  # (n, G) pool rows
+    drawn = np.empty((n_cells, pool.n_vars), dtype=np.float32)
+    for g in range(pool.n_vars):
+        drawn[:, g] = counts[:, g].toarray().ravel()[picks[:, g]]
+    out = sp.csr_matrix(drawn)
+    cells = ad.AnnData(X=sp.csr_matrix(log1p_cp10k(out), dtype=np.float32),
+                       obs=pd.DataFrame(index=[f"independent_{i}" for i in range(n_cells)]),
+                       var=pd.DataFrame(index=pool.var_names))
+    cells.layers["counts"] = out
+    return cells
 
 
 def count_profile(cells: ad.AnnData) -> dict[str, float]:
@@ -68,8 +91,8 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
 
     adata: the processed data (raw counts); generated: run -> generation/<run>.h5ad.
     Writes into ``outdir``: ``table.tsv`` (one row per run with the fidelity metrics and each
-    set's median library size and mean detected genes per cell, then the sampling floor and the
-    reference cells' cell-type shares as the same classifier labels them, which every row's
+    set's median library size and mean detected genes per cell, then the sampling floor, the
+    independent-genes row (:func:`independent_genes`) and the reference cells' cell-type shares as the same classifier labels them, which every row's
     ``celltype_tvd`` is measured against), ``cell_types.tsv`` (the cell type the real-cell
     classifier gives each generated cell: run, cell, cell_type) and ``reference.h5ad`` (the
     reference cells: log1p(CP10k) in X, counts in ``layers['counts']``, obs ``cell_type``).
@@ -98,6 +121,9 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
                              "generate rule")
         sets[run] = gen
     sets[REAL_FLOOR] = floor
+    # drawn from the classifier's training cells, by a generator of its own so that every
+    # other draw (and so every other row) is as it was without this row
+    sets[INDEPENDENT] = independent_genes(clf, ref_rows.size, np.random.default_rng([seed, 1]))
 
     rows, labels = [], []
     for name, cells in sets.items():
@@ -106,7 +132,7 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
         props = celltype_proportions(clf.X, clf.obs[CELL_TYPE].to_numpy(), reference.X,
                                      ref_labels, cells.X, seed=seed)
         metrics.update(celltype_tvd=props["tvd"], celltype_accuracy=props["accuracy"])
-        if name != REAL_FLOOR:
+        if name not in (REAL_FLOOR, INDEPENDENT):
             labels.append(pd.DataFrame({"run": name, "cell": cells.obs_names.astype(str),
                                         CELL_TYPE: np.asarray(props["predicted_labels"])}))
         rows.append({"model": name, **{k: metrics.get(k, np.nan) for k in TABLE_COLUMNS},

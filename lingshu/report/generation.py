@@ -24,6 +24,7 @@ import scipy.sparse as sp  # noqa: E402
 from lingshu.evaluate.fidelity import CELL_TYPE, FIDELITY_METRICS  # noqa: E402
 from lingshu.evaluate.generation import (  # noqa: E402
     CELL_TYPES,
+    INDEPENDENT,
     REAL_FLOOR,
     REAL_REFERENCE,
     REFERENCE,
@@ -399,7 +400,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     shown = models[["model"]].copy()
     for column, (title, higher) in TABLE_COLUMNS.items():
         values = models[column]
-        scored = values[models["model"] != REAL_FLOOR].dropna()
+        scored = values[~models["model"].isin([REAL_FLOOR, INDEPENDENT])].dropna()
         best = (scored.idxmax() if higher else scored.idxmin()) if len(scored) else None
         shown[title] = [("**{:.4f}**" if i == best else "{:.4f}").format(v)
                         if np.isfinite(v) else "—" for i, v in values.items()]

@@ -157,7 +157,11 @@ GENERATION_NOTES = (
     "the generated cells and of the reference cells, both as judged by one classifier (PCA + "
     "logistic regression) trained on other real training cells, so that its errors cancel; "
     "<code>share</code> columns give the proportions. The <b>real (training cells)</b> row scores an equally large sample of real "
-    "training cells: the floor that sampling noise sets at this number of cells."
+    "training cells: the floor that sampling noise sets at this number of cells. The "
+    "<b>independent genes</b> row scores cells whose every gene is drawn on its own from the "
+    "training cells: each gene's distribution exactly and no dependence between genes. A model "
+    "that does no better on a metric has learnt none of the gene-gene dependence it measures "
+    "(for the cell-type shares: which type a cell is)."
 )
 
 
