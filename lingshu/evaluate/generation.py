@@ -92,8 +92,9 @@ def evaluate_generation(adata: ad.AnnData, split: Split, generated: dict[str, st
     adata: the processed data (raw counts); generated: run -> generation/<run>.h5ad.
     Writes into ``outdir``: ``table.tsv`` (one row per run with the fidelity metrics and each
     set's median library size and mean detected genes per cell, then the sampling floor, the
-    independent-genes row (:func:`independent_genes`) and the reference cells' cell-type shares as the same classifier labels them, which every row's
-    ``celltype_tvd`` is measured against), ``cell_types.tsv`` (the cell type the real-cell
+    independent-genes row (:func:`independent_genes`) and the reference cells' cell-type
+    shares as the same classifier labels them, which every row's ``celltype_tvd`` is
+    measured against), ``cell_types.tsv`` (the cell type the real-cell
     classifier gives each generated cell: run, cell, cell_type) and ``reference.h5ad`` (the
     reference cells: log1p(CP10k) in X, counts in ``layers['counts']``, obs ``cell_type``).
     Returns the table.
