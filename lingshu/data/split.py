@@ -21,9 +21,8 @@ with (SPEC 2.2). They are drawn uniformly from every cell that would otherwise t
 inputs that train included, so that the reference has the training cells' composition and a
 sample of real training cells differs from it by sampling noise only (a reference without those
 controls differed in cell-type shares: 0.117 TVD on ``sim_stimulation``, 0.077 now at 300
-cells). A control input drawn into the
-reference stays a control input: it is a real cell handed to the models at prediction, and no
-model trains on it.
+cells). A control input drawn into the reference stays a control input: it is a real cell
+handed to the models at prediction, and no model trains on it.
 
 The split is written as two tables: ``cells.tsv`` (one row per cell, four boolean roles) and
 ``conditions.tsv`` (one row per context x perturbation with its role and cell count; an
