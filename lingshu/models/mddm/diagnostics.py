@@ -57,7 +57,8 @@ def masked_bits(model_fn: Callable[[torch.Tensor, slice], torch.Tensor], tokens:
             rows = slice(start, start + batch)
             tok, m = tokens[rows], mask[rows]
             noisy = torch.where(m, torch.full_like(tok, MASK_TOKEN), tok)
-            logits = model_fn(noisy, rows)  # (b, G, V)
+            logits = model_fn(noisy, rows)  # (b, G, V), on the model's device
+            tok, m = tok.to(logits.device), m.to(logits.device)
             total += float(F.cross_entropy(logits[m].float(), tok[m], reduction="sum"))
             count += int(m.sum())
     return total / max(count, 1) / math.log(2)

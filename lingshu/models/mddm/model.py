@@ -336,8 +336,9 @@ class LingshuCell(PerturbationModel):
         self._init_bias(net, tokens, data.seed)
         net = net.to(self.device)
 
-        def sample_batch(n, gen):
-            return token_batch(tokens, torch.randint(tokens.n_cells, (n,), generator=gen))
+        def sample_batch(n, gen):  # the loop's generator lives on the training device
+            return token_batch(tokens, torch.randint(tokens.n_cells, (n,), generator=gen,
+                                                     device=gen.device).cpu())
 
         def loss_fn(model, batch, gen):
             noisy, mask, t = mask_tokens(batch, gen)
@@ -404,14 +405,14 @@ class LingshuCell(PerturbationModel):
         dropout = float(self.cfg["identity_dropout"])
 
         def sample_batch(n, gen):
-            idx = torch.randint(tokens.n_cells, (n,), generator=gen)
+            idx = torch.randint(tokens.n_cells, (n,), generator=gen, device=gen.device).cpu()
             return token_batch(tokens, idx), ctx[idx], pert[idx], tgt[idx], has_targets[idx]
 
         def loss_fn(model, batch, gen):
             tok, c, p, t_genes, has_t = batch
             # Hide the identity of perturbations with panel targets, so that the target-gene
             # path learns to carry the effect of perturbations never seen in training.
-            hide = (torch.rand(p.shape, generator=gen) < dropout) & has_t
+            hide = (torch.rand(p.shape, generator=gen, device=gen.device) < dropout) & has_t
             p = torch.where(hide, torch.full_like(p, UNKNOWN), p)
             noisy, mask, t = mask_tokens(tok, gen)
             d = self.device
