@@ -24,7 +24,8 @@ def test_lint_is_clean():
 
 @pytest.mark.parametrize("configfile", [None, "config/shared_data.yaml",
                                         "config/paper/vcc_h1.yaml",
-                                        "config/paper/pbmc_cytokines.yaml"])
+                                        "config/paper/pbmc_cytokines.yaml",
+                                        "config/paper/kang_gpu.yaml"])
 def test_dry_run_builds_every_stage(configfile, tmp_path):
     # An empty results folder, so that the dry run plans every job whatever exists already.
     args = ["-n", "--quiet", "rules", "--config", f"results_dir={tmp_path}"]
@@ -35,6 +36,14 @@ def test_dry_run_builds_every_stage(configfile, tmp_path):
     for rule in ("preprocess", "split", "truth", "features", "fit_model", "predict",
                  "evaluate", "ceiling", "generate", "generation_eval", "report", "index"):
         assert re.search(rf"\b{rule}\b", out), rule
+
+
+def test_the_gpu_kang_config_has_the_shared_data_entry_and_seed():
+    """config/paper/kang_gpu.yaml says its split is the CPU run's: same entry, same seed."""
+    gpu = yaml.safe_load((ROOT / "config" / "paper" / "kang_gpu.yaml").read_text())
+    cpu = yaml.safe_load((ROOT / "config" / "shared_data.yaml").read_text())
+    assert gpu["datasets"]["kang"] == cpu["datasets"]["kang"]
+    assert gpu["seed"] == cpu["seed"]
 
 
 def test_dataset_model_params_reach_that_dataset_only(tmp_path):
