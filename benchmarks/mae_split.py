@@ -14,6 +14,10 @@ most from the context's real control cells (the truth file's) and the rest, and 
   from the true distribution pays for its cells' sampling noise alone (a model that predicts
   means pays none of it);
 - ``signed``: the mean of (predicted - true) over genes, a level bias;
+- a ``[quantiser round trip]`` row: the MAE of the truth's cells against the same cells'
+  counts (from ``processed.h5ad``) quantised to Lingshu-Cell's tokens and mapped back to
+  counts (bin centres), what the token vocabulary alone costs a model that samples tokens
+  (counts below 100 are exact, so it is tiny where they dominate);
 - ``own_context``: the share of a model's predicted cells that lie nearer (Euclidean, in
   log1p(CP10k)) to the mean of their own context's real control cells than to any other
   context's (from ``processed.h5ad``, every context of the dataset): 1 for cells of the right
@@ -38,6 +42,7 @@ import scipy.sparse as sp
 from lingshu.constants import CONTROL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.io import write_table
+from lingshu.tokens import dequantize_tokens, quantize_counts
 
 
 def _dense(x) -> np.ndarray:
@@ -102,6 +107,24 @@ def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float, seed: int
     return dict(zip(("mae", "mae_changed", "mae_rest"), np.mean(out, axis=0)))
 
 
+def quantiser_cost(processed: ad.AnnData, truth: ad.AnnData, conditions: pd.DataFrame,
+                   top: float) -> dict:
+    """The MAE between each condition's true cells in log1p(CP10k) of their counts and the
+    same counts after :func:`quantize_counts` and :func:`dequantize_tokens` (bin centres), split
+    as :func:`split_mae` splits a model's, averaged over conditions."""
+    t, out = _dense(truth.X), []
+    for pert, ctx in conditions.itertuples(index=False):
+        rows = ((truth.obs["perturbation"] == pert) & (truth.obs["context"] == ctx)).to_numpy()
+        counts = _dense(processed[truth.obs_names[rows]].X).astype(np.int64)
+        exact = _dense(log1p_cp10k(counts)).mean(0)
+        tokens = _dense(log1p_cp10k(dequantize_tokens(quantize_counts(counts)))).mean(0)
+        change = np.abs(t[rows].mean(0) - _mean_of(truth, t, "control", ctx))
+        changed = change >= np.quantile(change, 1 - top)
+        err = np.abs(tokens - exact)
+        out.append((err.mean(), err[changed].mean(), err[~changed].mean(), (tokens - exact).mean()))
+    return dict(zip(("mae", "mae_changed", "mae_rest", "signed"), np.mean(out, axis=0)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="results")
@@ -117,7 +140,8 @@ def main(argv=None) -> None:
         res = Path(args.results) / ds
         truth = ad.read_h5ad(res / "truth.h5ad")
         # backed: only the control cells' rows are read
-        contexts, centroids = control_centroids(ad.read_h5ad(res / "processed.h5ad", backed="r"))
+        processed = ad.read_h5ad(res / "processed.h5ad", backed="r")
+        contexts, centroids = control_centroids(processed)
         runs = args.models or sorted(f.stem for f in (res / "predictions").glob("*.h5ad"))
         conditions = None
         for run in runs:
@@ -132,6 +156,8 @@ def main(argv=None) -> None:
             rows.append({"dataset": ds, "model": "[perfect sampler]",
                          **own_noise(truth, conditions, args.top, args.seed),
                          "own_context": own_context_share(held, contexts, centroids)})
+            rows.append({"dataset": ds, "model": "[quantiser round trip]",
+                         **quantiser_cost(processed, truth, conditions, args.top)})
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200):
         print(f"MAE on the {args.top:.0%} of genes each condition changes most "
