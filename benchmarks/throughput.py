@@ -8,10 +8,14 @@ Per preset, on simulated count tokens (negative binomial counts, ~85 % zeros, dr
 gene means of :mod:`lingshu.data.simulate` and quantised by :func:`lingshu.tokens.quantize_counts`):
 
 - training: median over ``--repeats`` timed optimiser steps (after ``--warmup`` steps) of one full
-  step as :func:`lingshu.models.training.train` does it: mask, forward (bf16 autocast on CUDA),
-  diffusion loss, backward, grad-norm clip 1.0, AdamW (decay on matrices only), EMA update.
-  Cells/s, model TFLOP/s (``estimate_flops_per_cell``) and MFU against ``--peak-tflops``
-  (default 989, dense bf16 of an H100/H200, on CUDA; on the CPU only when given);
+  step as :func:`lingshu.models.training.train` does it for Lingshu-Cell: mask, forward (bf16
+  autocast on CUDA) with the per-gene head on the masked genes only (``masked_loss``, as
+  pre-training and fine-tuning ask; ``--full-head``: every gene's logits, the loss on the
+  masked ones), diffusion loss, backward, grad-norm clip 1.0, AdamW (decay on matrices only),
+  EMA update. Cells/s, model TFLOP/s (``estimate_flops_per_cell``, which counts the head over
+  every gene) and MFU against ``--peak-tflops`` (default 989, dense bf16 of an H100/H200, on
+  CUDA; on the CPU only when given); ``--profile N`` prints the N costliest operators of 3
+  more steps;
 - sampling with :func:`lingshu.models.mddm.diffusion.sample` on ``--sample-cells`` cells:
   3 steps with classifier-free guidance w = 2 (two forward passes per step; genetic perturbation)
   on the conditional network, and 256 unguided steps (unconditional generation) on an
@@ -49,7 +53,7 @@ import torch
 
 from lingshu.data.simulate import SimulationParams, _draw_gene_means
 from lingshu.stats import sample_negative_binomial
-from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, sample
+from lingshu.models.mddm.diffusion import diffusion_loss, mask_tokens, masked_loss, sample
 from lingshu.models.mddm.network import PRESETS, LingshuNetwork, config_from_preset
 from lingshu.models.training import EMA, param_groups
 from lingshu.tokens import quantize_counts
@@ -123,6 +127,21 @@ def conditions(n: int, n_genes: int, gen: torch.Generator, device: torch.device,
 # one preset
 
 
+def profile_steps(step, device: torch.device, preset: str, rows: int) -> None:
+    """Print the ``rows`` operators that take most of 3 profiled training steps (device time
+    on CUDA, CPU time on the CPU): where a step's time goes, for the next optimisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"  {preset}: profile of 3 training steps, by {key}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+
+
 def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args, device: torch.device) -> dict:
     bf16 = device.type == "cuda" and not args.no_bf16
     torch.manual_seed(0)
@@ -147,9 +166,12 @@ def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args,
         cond = conditions(batch, n_genes, gen, device, control=False)
         optimizer.zero_grad(set_to_none=True)
         noisy, mask, t = mask_tokens(tokens, gen)
-        logits = forward(noisy, **cond)  # (B, G, 281)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(logits, tokens, mask, t)
+        if args.full_head:  # every gene's logits (B, G, 281), the loss on the masked ones
+            logits = forward(noisy, **cond)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = diffusion_loss(logits, tokens, mask, t)
+        else:  # as pre-training and fine-tuning do: the masked genes' logits only
+            loss = masked_loss(forward, noisy, tokens, mask, t, **cond)
         loss.float().backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
@@ -169,6 +191,8 @@ def bench_preset(preset: str, n_genes: int, batch: int, sample_cells: int, args,
     for _ in range(args.warmup - 1):
         train_step()
     train_times = [timed(train_step, device) for _ in range(args.repeats)]
+    if args.profile:
+        profile_steps(train_step, device, preset, args.profile)
     train_s = statistics.median(train_times)
     train_mem = peak_memory_gib(device)
     flops_per_cell = net.estimate_flops_per_cell()  # forward + backward
@@ -319,6 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="try torch.compile (falls back to eager on failure)")
+    parser.add_argument("--full-head", action="store_true",
+                        help="train with every gene's logits (the loss on the masked ones) rather "
+                             "than the masked genes' only, as training does")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile 3 training steps per preset and print the ROWS costliest "
+                             "operators (torch.profiler)")
     parser.add_argument("--quick", action="store_true", help="tiny preset only, small sizes: a few seconds")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
