@@ -67,3 +67,30 @@ def test_own_context_share_counts_cells_of_the_wrong_cell_type(mae_split):
         {"perturbation": "P", "context": ["A", "A", "A", "B"]}, index=list("wxyz")))
     # A: two of three cells look like A (the third has B's profile); B: its one cell is B
     assert mae_split.own_context_share(cells, contexts, centroids) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_quantiser_round_trip_costs_nothing_below_100_counts(mae_split):
+    """Counts below 100 are their own token: no error. A count of 151 comes back as its bin's
+    centre, 155: an error on that gene only."""
+    from lingshu.data.normalize import log1p_cp10k
+
+    counts = np.array([[3, 0, 40, 7], [1, 2, 60, 9], [0, 5, 30, 8], [2, 1, 50, 6]], dtype=np.float32)
+    names = [f"c{i}" for i in range(4)]
+    obs = pd.DataFrame({"perturbation": ["control", "control", "P", "P"], "context": "A"}, index=names)
+    processed = ad.AnnData(X=counts.copy(), obs=obs)
+    cond = pd.DataFrame({"perturbation": ["P"], "context": ["A"]})
+
+    def truth_of(x):
+        return ad.AnnData(X=np.asarray(log1p_cp10k(x), dtype=np.float32), obs=obs.copy())
+
+    got = mae_split.quantiser_cost(processed, truth_of(counts), cond, top=0.25)
+    assert got["mae"] == pytest.approx(0.0, abs=1e-12)
+    counts[2, 2] = 151  # a P cell
+    processed = ad.AnnData(X=counts.copy(), obs=obs)
+    got = mae_split.quantiser_cost(processed, truth_of(counts), cond, top=0.25)
+    assert got["mae"] > 0
+    expected = counts[2:].copy()
+    expected[0, 2] = 155
+    exact = np.asarray(log1p_cp10k(counts[2:])).mean(0)
+    rounded = np.asarray(log1p_cp10k(expected)).mean(0)
+    assert got["mae"] == pytest.approx(np.abs(rounded - exact).mean())
