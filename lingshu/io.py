@@ -59,31 +59,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _object_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with pandas' string dtype (the default for text from pandas 3 on, or with
-    ``future.infer_string``) in its index and columns turned into object dtype, which every
-    anndata writes and reads; ``frame`` itself when it has none."""
-    strings = [c for c in frame.columns if isinstance(frame[c].dtype, pd.StringDtype)]
-    if not strings and not isinstance(frame.index.dtype, pd.StringDtype):
-        return frame
-    out = frame.copy(deep=False)
-    for c in strings:
-        out[c] = out[c].astype(object)
-    if isinstance(out.index.dtype, pd.StringDtype):
-        out.index = out.index.astype(object)
-    return out
-
-
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
-    """Write ``adata`` to ``path`` atomically (gzip-free, so reads stay fast). Text in
-    pandas' string dtype is written as anndata's plain strings (anndata refuses nullable
-    strings by default); ``adata`` itself is not changed."""
-    obs, var = _object_strings(adata.obs), _object_strings(adata.var)
-    if obs is not adata.obs or var is not adata.var:
-        adata = ad.AnnData(adata.X, obs=obs, var=var, uns=adata.uns, obsm=adata.obsm,
-                           varm=adata.varm, layers=adata.layers, obsp=adata.obsp,
-                           varp=adata.varp, raw=adata.raw)
-    with atomic_path(path) as tmp:
+    """Write ``adata`` to ``path`` atomically (gzip-free, so reads stay fast). Text in pandas'
+    string dtype (pandas 3's default) is written too: anndata refuses it unless told to."""
+    with atomic_path(path) as tmp, ad.settings.override(allow_write_nullable_strings=True):
         adata.write_h5ad(tmp)
 
 

@@ -28,7 +28,7 @@ def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path):
 
 def test_write_h5ad_writes_pandas_string_dtype_text(tmp_path):
     """Text in pandas' string dtype (pandas 3's default; ``future.infer_string`` here), which
-    anndata refuses to write by default, is written as plain strings and reads back equal;
+    anndata refuses to write by default, is written and reads back equal;
     the AnnData written is left as it was."""
     import anndata as ad
     import numpy as np
