@@ -34,8 +34,6 @@ from lingshu.constants import CONTROL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.io import write_table
 from lingshu.models.harness import load_model
-from lingshu.models.mddm.diffusion import sample
-from lingshu.tokens import dequantize_tokens
 
 TIERS = (("low half", 0.0, 0.5), ("50-90%", 0.5, 0.9), ("top 10%", 0.9, 1.0))
 
@@ -46,23 +44,10 @@ def _dense(x) -> np.ndarray:
 
 def sample_control_counts(model, context: str, n_cells: int, seed: int) -> np.ndarray:
     """(n_cells, n_genes) raw counts of the control condition of ``context``, drawn by the
-    model's own sampler and settings, in batches of its ``sample_batch``."""
+    model's own sampler and settings (guidance off: the condition is the one guided against)."""
     cond = model.condition_tensors(context, CONTROL)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-
-    def model_fn(tokens, cnd, select=None):
-        b = tokens.shape[0]
-        return model.net(tokens, select=select,
-                         **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
-
-    batch, blocks = int(model.cfg["sample_batch"]), []
-    with torch.no_grad():
-        for start in range(0, n_cells, batch):
-            tok = sample(model_fn, min(batch, n_cells - start), len(model.genes),
-                         int(model.cfg["sample_steps"]), gen, cond=cond, uncond=cond,
-                         guidance=0.0, select=True)
-            blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float64))
-    return np.vstack(blocks)
+    return model.sample_counts(cond, cond, n_cells, gen, guidance=0.0).astype(np.float64)
 
 
 def compare(real: np.ndarray, fake: np.ndarray, rng: np.random.Generator) -> dict:

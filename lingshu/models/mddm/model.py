@@ -507,21 +507,31 @@ class LingshuCell(PerturbationModel):
         cond = self.condition_tensors(condition.context, condition.perturbation)
         uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        counts = self.sample_counts(cond, uncond, condition.n_cells, gen, self.guidance(),
+                                    progress=self._sample_bar,
+                                    **self._prior_injection(condition))
+        return np.asarray(log1p_cp10k(counts), dtype=np.float32)
 
+    def sample_counts(self, cond: dict, uncond: dict, n_cells: int, gen: torch.Generator,
+                      guidance: float, progress=None, **fixed) -> np.ndarray:
+        """(n_cells, n_genes) float32 raw counts of the fine-tuned network's cells under the
+        condition tensors ``cond`` (see :meth:`condition_tensors`), guided against ``uncond``
+        with weight ``guidance``: ``sample_steps`` unmasking steps, in batches of
+        ``sample_batch`` cells, tokens mapped back to counts (bin centres). ``fixed``: the
+        sampler's fixed tokens (:meth:`_prior_injection`)."""
         def model_fn(tokens, cnd, select=None):
             b = tokens.shape[0]
             return self.net(tokens, select=select,
                             **{k: v.expand(b, *v.shape[1:]) for k, v in cnd.items()})
 
         blocks = []
-        fixed = self._prior_injection(condition)
-        for start in range(0, condition.n_cells, int(self.cfg["sample_batch"])):
-            n = min(int(self.cfg["sample_batch"]), condition.n_cells - start)
+        for start in range(0, n_cells, int(self.cfg["sample_batch"])):
+            n = min(int(self.cfg["sample_batch"]), n_cells - start)
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
-                         cond=cond, uncond=uncond, guidance=self.guidance(), select=True,
-                         progress=self._sample_bar, **fixed)
+                         cond=cond, uncond=uncond, guidance=guidance, select=True,
+                         progress=progress, **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
-        return np.asarray(log1p_cp10k(np.vstack(blocks)), dtype=np.float32)
+        return np.vstack(blocks)
 
     # ------------------------------------------------------------------ unconditional generation
     def load_pretrained(self, path: str | Path) -> None:
