@@ -60,7 +60,7 @@ from lingshu.constants import BATCH_COL, CONTEXT_COL, CONTROL, PERT_COL
 from lingshu.data.features import SOURCE_COL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.errors import CorruptFileError
-from lingshu.io import atomic_path, write_h5ad_streaming
+from lingshu.io import atomic_path, write_h5ad, write_h5ad_streaming
 from lingshu.models.base import (
     ConditionInput,
     PerturbationModel,
@@ -518,8 +518,8 @@ class StateModel(PerturbationModel):
             tmp = Path(tmp)
             run_dir = self._materialise(tmp)
             src, out = tmp / "input.h5ad", tmp / "output.h5ad"
-            ad.AnnData(X=sp.vstack(blocks, format="csr"), obs=obs_df,
-                       var=pd.DataFrame(index=self.genes)).write_h5ad(src)
+            write_h5ad(ad.AnnData(X=sp.vstack(blocks, format="csr"), obs=obs_df,
+                                  var=pd.DataFrame(index=self.genes)), src)
             cmd = [sys.executable, "-m", "state", "tx", "infer", "--model-dir", str(run_dir),
                    "--checkpoint", str(run_dir / CKPT), "--adata", str(src),
                    "--output", str(out), "--pert-col", PERT_COL, "--celltype-col", CONTEXT_COL,
