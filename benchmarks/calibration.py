@@ -34,6 +34,7 @@ from lingshu.constants import CONTROL
 from lingshu.data.normalize import log1p_cp10k
 from lingshu.io import write_table
 from lingshu.models.harness import load_model
+from lingshu.models.mddm.model import draw_library, log_library_of_counts
 
 TIERS = (("low half", 0.0, 0.5), ("50-90%", 0.5, 0.9), ("top 10%", 0.9, 1.0))
 
@@ -42,12 +43,22 @@ def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def sample_control_counts(model, context: str, n_cells: int, seed: int) -> np.ndarray:
+def sample_control_counts(model, context: str, n_cells: int, seed: int,
+                          controls=None) -> np.ndarray:
     """(n_cells, n_genes) raw counts of the control condition of ``context``, drawn by the
-    model's own sampler and settings (guidance off: the condition is the one guided against)."""
+    model's own sampler and settings (guidance off: the condition is the one guided against).
+    ``controls``: raw counts of real control cells, whose library sizes a network with
+    ``library_size`` is given (drawn as prediction draws them)."""
     cond = model.condition_tensors(context, CONTROL)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    return model.sample_counts(cond, cond, n_cells, gen, guidance=0.0).astype(np.float64)
+    library = None
+    if model.net_cfg.library_size:
+        if controls is None:
+            raise ValueError("calibration: this model takes library sizes; pass `controls`")
+        library = draw_library(log_library_of_counts(controls), n_cells,
+                               np.random.default_rng(seed))
+    return model.sample_counts(cond, cond, n_cells, gen, guidance=0.0,
+                               library=library).astype(np.float64)
 
 
 def compare(real: np.ndarray, fake: np.ndarray, rng: np.random.Generator) -> dict:
@@ -96,7 +107,7 @@ def main(argv=None) -> None:
             if not rows_ctx.any() or ctx not in model.contexts:
                 continue
             real = _dense(processed[np.flatnonzero(rows_ctx)].X)
-            fake = sample_control_counts(model, ctx, args.cells, args.seed + i)
+            fake = sample_control_counts(model, ctx, args.cells, args.seed + i, real)
             rows.append({"dataset": ds, "context": ctx,
                          **compare(real, fake, np.random.default_rng([args.seed, i]))})
     table = pd.DataFrame(rows)

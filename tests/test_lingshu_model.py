@@ -276,3 +276,86 @@ def test_gene_head_readout_pretrains_fine_tunes_and_reloads(tmp_path):
     again = predict_conditions(load_model(str(tmp_path / "model.npz")), adata, split, seed=0,
                                progress=False)
     assert (pred.X != again.X).nnz == 0
+
+
+def _two_depth_data(n_genes: int = 24, n: int = 200, seed: int = 0):
+    """One context, every cell sequenced at one of two depths (size factor 1 or 6) with the
+    same gene proportions: the depth is the only structure between genes."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    mu = rng.gamma(2.0, 1.0, size=n_genes)
+    obs, rows = [], []
+    for pert, m in (("control", 2 * n), ("G1", n), ("G2", n)):
+        size = rng.choice([1.0, 6.0], size=m)
+        rows.append(rng.poisson(mu[None] * size[:, None]))
+        obs += [("A", pert)] * m
+    obs = pd.DataFrame(obs, columns=["context", "perturbation"], index=[f"c{i}" for i in range(len(obs))])
+    obs["batch"] = "A"
+    adata = ad.AnnData(X=sp.csr_matrix(np.vstack(rows).astype(np.int32)), obs=obs,
+                       var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    adata.uns["lingshu"] = {"dataset": "tiny", "control_label": "control",
+                            "perturbation_type": "genetic"}
+    return adata
+
+
+def test_library_size_input_sets_the_depth_of_sampled_cells(tmp_path):
+    """``network: {library_size: true}`` on cells of two depths: the pre-training carries the
+    training cells' library distribution and standardisation, unconditional cells sampled at
+    a shallow and at a deep library size come out about that shallow and that deep (the real
+    totals differ 9x; a network that ignored the input would give both the same mixture),
+    fine-tuning keeps the pre-training's standardisation, and prediction draws each cell's
+    size from the context's control cells and reloads to the same cells."""
+    from lingshu.models.mddm.model import log_library_of_counts, pretrained_network
+
+    adata = _two_depth_data()
+    split = make_split(adata.obs, {"kind": "heldout_perturbations",
+                                   "test_perturbations": ["G2"]}, seed=0)
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    params = {**TINY, "pretrain_steps": 200, "finetune_steps": 20, "batch_size": 32,
+              "unconditional_steps": 8, "diagnostics_cells": 16,
+              "network": {"cond_head_rank": 2, "library_size": True}}
+    model = build_model("lingshu", params)
+    pre = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path),
+                        include_control_input=True)
+    model.pretrain(pre, tmp_path / "pretrain.pt")
+    model.load_pretrained(tmp_path / "pretrain.pt")
+    quantiles = np.asarray(model.pretrained_library)
+    real = log_library_of_counts(adata.X)
+    # the pre-training cells are most of the cells (the held-out ones excluded)
+    assert real.min() - 1e-5 <= quantiles[0] < quantiles[-1] <= real.max() + 1e-5
+    assert np.all(np.diff(quantiles) >= 0)
+    assert quantiles[len(quantiles) // 2] == pytest.approx(np.median(real), abs=0.15)
+    totals = []
+    for level in (np.quantile(real, 0.05), np.quantile(real, 0.95)):
+        model.pretrained_library = [level, level]  # every cell drawn at this library size
+        cells = model.generate(200, np.random.default_rng(0))
+        totals.append(cells.sum(1).mean() / np.expm1(level))
+    assert 0.6 < totals[0] < 1.6 and 0.6 < totals[1] < 1.6, totals
+
+    data = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path))
+    model.fit(data, init=tmp_path / "pretrain.pt")
+    pre_cfg = pretrained_network(tmp_path / "pretrain.pt")
+    assert model.net_cfg.library_size
+    assert (model.net_cfg.library_center, model.net_cfg.library_scale) == \
+        (pre_cfg["library_center"], pre_cfg["library_scale"])
+    model.save(tmp_path / "model.npz")
+    pred = predict_conditions(model, adata, split, seed=0, progress=False)
+    assert pred.n_obs > 0 and np.isfinite(pred.X.toarray()).all()
+    again = predict_conditions(load_model(str(tmp_path / "model.npz")), adata, split, seed=0,
+                               progress=False)
+    assert (pred.X != again.X).nnz == 0
+
+
+@pytest.mark.parametrize("key", ["library_size", "cond_head_masked"])
+def test_network_switches_must_be_true_or_false(key):
+    with pytest.raises(InputError, match=f"models.lingshu.network.{key}"):
+        build_model("lingshu", {**TINY, "network": {key: "yes"}})
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, "half"])
+def test_full_mask_share_must_lie_in_zero_one(share):
+    with pytest.raises(InputError, match="models.lingshu.full_mask_share"):
+        build_model("lingshu", {**TINY, "full_mask_share": share})

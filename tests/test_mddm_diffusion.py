@@ -39,6 +39,22 @@ def test_mask_tokens_masks_with_probability_t():
     assert all(torch.equal(a, b) for a, b in zip((noisy, mask, t), again))
 
 
+def test_full_mask_share_masks_that_share_of_cells_whole_and_nothing_else():
+    """``full_mask``: about that share of cells get t = 1 (every gene masked); at 0 the draws
+    are the paper's, unchanged; the other cells are masked exactly as without it."""
+    tokens = torch.randint(0, N_EXPR_TOKENS, (4000, 50), generator=torch.Generator().manual_seed(3))
+    base = mask_tokens(tokens, torch.Generator().manual_seed(0))
+    same = mask_tokens(tokens, torch.Generator().manual_seed(0), full_mask=0.0)
+    for a, b in zip(base, same):
+        assert torch.equal(a, b)
+    noisy, mask, t = mask_tokens(tokens, torch.Generator().manual_seed(0), full_mask=0.3)
+    whole = t == 1.0
+    assert abs(whole.float().mean().item() - 0.3) < 0.03
+    assert mask[whole].all() and (noisy[whole] == MASK_TOKEN).all()
+    torch.testing.assert_close(t[~whole], base[2][~whole])  # the same t for the others
+    assert abs(mask[~whole].float().mean().item() - t[~whole].mean().item()) < 0.01
+
+
 def test_loss_equals_hand_computed_value():
     logits = torch.zeros(2, 3, V)
     logits[0, 0, 5] = 2.0

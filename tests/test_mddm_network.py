@@ -257,3 +257,52 @@ def test_gene_head_readout_starts_at_zero_and_shifts_each_gene_its_own_way():
     assert torch.allclose(net.head(h)[0, 0], net.head(h)[0, 1])
     with pytest.raises(ValueError, match="gene_head_rank"):
         NetworkConfig(n_genes=G, gene_head_rank=-1)
+
+
+def test_library_size_input_starts_without_effect_and_is_required():
+    """``library_size``: each cell's log library size is an input, zero at the start (a network
+    with it computes exactly what the same weights without it compute), then added to every
+    gene group; the network refuses to run without it, and one built without it refuses it."""
+    plain = tiny()
+    sized = tiny(library_size=True, library_center=3.0, library_scale=0.5)
+    sized.load_state_dict(plain.state_dict(), strict=False)
+    tokens, lib = random_tokens(), torch.tensor([1.0, 3.0, 6.0])
+    select = torch.rand(3, G, generator=torch.Generator().manual_seed(1)) < 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(sized(tokens, library=lib), plain(tokens))
+        sized.library_emb[2].weight.normal_(0, 1.0)
+        a = sized(tokens, library=lib)
+        assert not torch.allclose(a, sized(tokens, library=lib + 2.0))
+        assert not torch.allclose(a, plain(tokens))
+        torch.testing.assert_close(sized(tokens, library=lib, select=select), a[select],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs `library`"):
+        sized(tokens)
+    with pytest.raises(ValueError, match="built without library_size"):
+        plain(tokens, library=lib)
+    with pytest.raises(ValueError, match="library_scale must be > 0"):
+        config_from_preset("tiny", G, library_size=True, library_scale=0.0)
+
+
+def test_cond_head_masked_scales_the_shift_by_each_cells_masked_share():
+    """``cond_head_masked``: the cond_head shift in full on an all-masked cell, none on a cell
+    with nothing masked, and in proportion between; the selected-genes path agrees."""
+    plain, gated = conditional(cond_head_rank=3), conditional(cond_head_rank=3, cond_head_masked=True)
+    with torch.no_grad():
+        plain.cond_head_up.normal_(0, 1.0)
+    gated.load_state_dict(plain.state_dict())
+    base = conditional()  # the same weights without the path
+    base.load_state_dict(plain.state_dict(), strict=False)
+    kw = dict(context=torch.tensor([0, 1, 2]), perturbation=torch.tensor([1, 0, 4]))
+    tokens = random_tokens().clamp(max=MASK_TOKEN - 1)  # nothing masked
+    tokens[0] = MASK_TOKEN  # all masked
+    tokens[2, : G // 3] = MASK_TOKEN  # a third masked
+    with torch.no_grad():
+        full, off, out = plain(tokens, **kw), base(tokens, **kw), gated(tokens, **kw)
+        torch.testing.assert_close(out[0], full[0])
+        torch.testing.assert_close(out[1], off[1])
+        share = (G // 3) / G
+        torch.testing.assert_close(out[2], off[2] + share * (full[2] - off[2]), rtol=1e-4, atol=1e-4)
+        select = torch.rand(3, G, generator=torch.Generator().manual_seed(2)) < 0.4
+        torch.testing.assert_close(gated(tokens, select=select, **kw), out[select],
+                                   rtol=1e-5, atol=1e-5)

@@ -18,17 +18,25 @@ from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS
 ModelFn = Callable[..., torch.Tensor]  # (tokens, cond[, select=]) -> logits
 
 
-def mask_tokens(tokens: torch.Tensor, generator: torch.Generator, eps: float = 1e-3):
+def mask_tokens(tokens: torch.Tensor, generator: torch.Generator, eps: float = 1e-3,
+                full_mask: float = 0.0):
     """The forward process: mask each gene of each cell independently with probability t.
 
     tokens: (B, G) long expression tokens. generator: on the tokens' device.
     t is drawn per cell as t = eps + (1 - eps) * u, u ~ U(0, 1) (LLaDA), so t lies in [eps, 1]
     and the 1/t loss weight stays bounded.
+    full_mask: the share of cells given t = 1 instead (every gene masked; ours, not the
+    paper's, 0 by default). The loss at each t is still minimised by the true conditional, so
+    this moves no optimum; it spends more of the training on the all-masked cell, the one
+    that only the condition tokens can inform (and the one the sampler's first step reads).
     Returns noisy_tokens (B, G) long with MASK_TOKEN at masked genes, mask (B, G) bool, t (B,).
     """
     B, G = tokens.shape
     u = torch.rand(B, generator=generator, device=tokens.device)  # (B,)
     t = eps + (1.0 - eps) * u  # (B,)
+    if full_mask > 0:  # (no extra draw at 0: runs without it are unchanged)
+        whole = torch.rand(B, generator=generator, device=tokens.device) < full_mask  # (B,)
+        t = torch.where(whole, torch.ones_like(t), t)
     mask = torch.rand(B, G, generator=generator, device=tokens.device) < t[:, None]  # (B, G)
     noisy = torch.where(mask, torch.full_like(tokens, MASK_TOKEN), tokens)  # (B, G)
     return noisy, mask, t

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
@@ -35,6 +36,7 @@ from lingshu.errors import input_error
 from lingshu.io import sha256_file
 from lingshu.models.base import (
     ConditionInput,
+    ConditionNotEncodable,
     PerturbationModel,
     TrainingData,
     data_fingerprint,
@@ -60,7 +62,7 @@ from lingshu.models.training import (
     save_checkpoint,
     train,
 )
-from lingshu.tokens import dequantize_tokens
+from lingshu.tokens import N_EXPR_TOKENS, dequantize_tokens, quantize_counts
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ DEFAULTS: dict[str, Any] = {
     # projections and the network's cond_head) as a multiple of ``lr``; ours (the paper has
     # one learning rate): those parameters start from scratch while the rest is pre-trained
     "cond_lr_scale": 1.0,
+    # fine-tuning: the share of cells masked whole (t = 1; see mask_tokens); ours (the paper
+    # draws every t from U(0, 1)): with a few genes visible a cell's type shows in them, so the
+    # condition tokens are needed, and learnt, mostly where nothing is visible
+    "full_mask_share": 0.0,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     "device": "auto",
@@ -110,6 +116,59 @@ def pretrained_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a pre-training checkpoint (also one saved as a bare state dict)."""
     ckpt = load_checkpoint(path)
     return ckpt["weights"] if ckpt.get("format") == PRETRAIN_FORMAT else ckpt
+
+
+def pretrained_network(path: str | Path) -> dict | None:
+    """The network config a pre-training checkpoint carries (None for a bare state dict)."""
+    ckpt = load_checkpoint(path)
+    return dict(ckpt["network"]) if ckpt.get("format") == PRETRAIN_FORMAT else None
+
+
+# ------------------------------------------------------------------ library size (option)
+# ``network: {library_size: true}`` (ours, not the paper's; see NetworkConfig): each cell's
+# log1p(total count) is an input of the network. Training reads it off the cell's own tokens;
+# the sampler draws it: prediction from the context's control input cells (every model gets
+# them), unconditional generation from the training cells (quantiles in the checkpoint).
+LIBRARY_QUANTILES = 201
+_TOKEN_COUNTS = torch.from_numpy(
+    np.asarray(dequantize_tokens(np.arange(N_EXPR_TOKENS)), dtype=np.float32))
+
+
+def log_library(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 log1p(total count) of cells given as unmasked tokens (B, G): the counts
+    their tokens stand for (bin centres, as sampled cells are dequantised), summed."""
+    return torch.log1p(_TOKEN_COUNTS.to(tokens.device)[tokens].sum(1))
+
+
+def log_library_of_counts(counts) -> np.ndarray:
+    """(n,) float64 log1p(total count) of raw count rows, measured as :func:`log_library`
+    measures tokens (each count through the quantiser and back)."""
+    csr = sp.csr_matrix(counts)
+    csr = sp.csr_matrix((np.asarray(dequantize_tokens(quantize_counts(csr.data)), np.float64),
+                         csr.indices, csr.indptr), shape=csr.shape)
+    return np.log1p(np.asarray(csr.sum(1)).ravel())
+
+
+def library_stats(tokens: TokenStore, seed: int) -> dict[str, Any]:
+    """Centre, scale and quantiles of log1p(total count) over (a seeded sample of) the
+    training cells: the network's standardisation and generation's library distribution."""
+    values = np.concatenate([log_library(torch.from_numpy(t)).numpy()
+                             for t, _ in training_blocks(tokens, None, seed)()])
+    return {"library_center": float(values.mean()),
+            "library_scale": float(max(values.std(), 1e-3)),
+            "quantiles": np.quantile(values, np.linspace(0, 1, LIBRARY_QUANTILES)).tolist()}
+
+
+def draw_library(values: np.ndarray, n: int, rng: np.random.Generator,
+                 quantiles: bool = False) -> np.ndarray:
+    """``n`` library sizes (log1p) drawn with ``rng``: uniformly from ``values``, or, with
+    ``quantiles``, by inverse transform from ``values`` read as evenly spaced quantiles."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("lingshu: no library sizes to draw from")
+    if quantiles:
+        return np.interp(rng.random(n), np.linspace(0, 1, values.size), values)
+    return values[rng.integers(0, values.size, n)]
 
 
 def pretrained_diagnostics(path: str | Path) -> list[dict]:
@@ -275,6 +334,12 @@ class LingshuCell(PerturbationModel):
                               f"{scale!r} is not a positive number",
                               "give a learning-rate multiplier > 0 (1: the paper's single "
                               "learning rate; the default config: 10)")
+        share = self.cfg["full_mask_share"]
+        if not 0.0 <= share < 1.0:
+            raise input_error("config", "models.lingshu.full_mask_share",
+                              f"{share!r} is not in [0, 1)",
+                              "give the share of fine-tuning cells masked whole, e.g. 0.25 "
+                              "(0: the paper's mask rates)")
         network = self.cfg["network"] or {}
         known = {f.name for f in fields(NetworkConfig)} - {"n_genes", "n_contexts",
                                                             "n_perturbations", "seed"}
@@ -283,6 +348,13 @@ class LingshuCell(PerturbationModel):
             raise input_error("config", "models.lingshu.network",
                               f"{unknown} are not network options",
                               f"use only {sorted(known)}")
+        for key, meaning in (("library_size", "each cell's library size is an input"),
+                             ("cond_head_masked", "the cond_head shift scales with the share "
+                              "of masked genes")):
+            if not isinstance(network.get(key, False), bool):
+                raise input_error("config", f"models.lingshu.network.{key}",
+                                  f"{network[key]!r} is not true or false",
+                                  f"set true ({meaning}) or false")
         for key, example in (("gene_head_rank", "8"), ("cond_head_rank", "16 (the default config)")):
             rank = network.get(key, 0)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
@@ -312,7 +384,12 @@ class LingshuCell(PerturbationModel):
         if self.cfg["head_bias_init"] == "marginal":
             init_head_bias(net, tokens, seed)
 
-    def _network_config(self, n_genes: int, seed: int, **conditions: int) -> NetworkConfig:
+    @property
+    def library_size(self) -> bool:
+        """Whether the network takes each cell's library size (``network.library_size``)."""
+        return bool((self.cfg["network"] or {}).get("library_size", False))
+
+    def _network_config(self, n_genes: int, seed: int, **conditions: Any) -> NetworkConfig:
         # The same seed in pre-training and fine-tuning gives the same gene permutation.
         return config_from_preset(self.cfg["preset"], n_genes, seed=seed,
                                   **{**self.cfg["network"], **conditions})
@@ -331,7 +408,10 @@ class LingshuCell(PerturbationModel):
         """Train the unconditional model on ``data`` and write its EMA weights to ``out_path``."""
         torch.manual_seed(data.seed)
         tokens = training_tokens(data)
-        net_cfg = self._network_config(tokens.n_genes, data.seed)
+        lib = library_stats(tokens, data.seed) if self.library_size else None
+        net_cfg = self._network_config(
+            tokens.n_genes, data.seed,
+            **({k: lib[k] for k in ("library_center", "library_scale")} if lib else {}))
         net = LingshuNetwork(net_cfg)
         self._init_bias(net, tokens, data.seed)
         net = net.to(self.device)
@@ -343,13 +423,17 @@ class LingshuCell(PerturbationModel):
         def loss_fn(model, batch, gen):
             noisy, mask, t = mask_tokens(batch, gen)
             d = self.device
-            return masked_loss(model, noisy.to(d), batch.to(d), mask.to(d), t.to(d))
+            extra = {"library": log_library(batch).to(d)} if lib else {}
+            return masked_loss(model, noisy.to(d), batch.to(d), mask.to(d), t.to(d), **extra)
 
         workdir = Path(data.workdir or Path(out_path).parent)
         diag = held_out_diagnostics(data, tokens, int(self.cfg["diagnostics_cells"]), data.seed)
+        h_lib = log_library(diag.tokens) if diag is not None and lib else None
 
         def monitor(model, _step):
-            return diag(lambda x, rows: model(x.to(self.device)))
+            d = self.device
+            return diag(lambda x, rows: model(
+                x.to(d), **({} if h_lib is None else {"library": h_lib[rows].to(d)})))
 
         steps = int(self.cfg["pretrain_steps"])
         result = train(net, loss_fn, sample_batch, self._train_config(steps, data.seed),
@@ -369,6 +453,7 @@ class LingshuCell(PerturbationModel):
         save_checkpoint(out_path, {
             "format": PRETRAIN_FORMAT, "network": asdict(net_cfg),
             "genes": [str(g) for g in data.genes], "diagnostics": diagnostics,
+            **({"library_quantiles": lib["quantiles"]} if lib else {}),
             "weights": ema_weights(load_checkpoint(workdir / "pretrain_state.pt"))})
 
     # ------------------------------------------------------------------ fine-tuning
@@ -393,9 +478,16 @@ class LingshuCell(PerturbationModel):
         tgt = torch.stack([self._target_row(p) for p in self.perturbations])[pert - 1]
         has_targets = (tgt >= 0).any(dim=1)
 
+        lib = {}
+        if self.library_size:  # the pre-training's standardisation, which its weights learnt
+            pre = pretrained_network(init) if init is not None else None
+            lib = ({k: pre[k] for k in ("library_center", "library_scale")}
+                   if pre and pre.get("library_size") else
+                   {k: v for k, v in library_stats(tokens, data.seed).items()
+                    if k != "quantiles"})
         self.net_cfg = self._network_config(
             tokens.n_genes, data.seed, n_contexts=len(self.contexts),
-            n_perturbations=len(self.perturbations) + 1)
+            n_perturbations=len(self.perturbations) + 1, **lib)
         net = LingshuNetwork(self.net_cfg)
         init_state = pretrained_weights(init) if init is not None else None
         if init_state is None:  # else the pre-trained weights replace every parameter
@@ -403,6 +495,7 @@ class LingshuCell(PerturbationModel):
         net = net.to(self.device)
 
         dropout = float(self.cfg["identity_dropout"])
+        full_mask = float(self.cfg["full_mask_share"])
 
         def sample_batch(n, gen):
             idx = torch.randint(tokens.n_cells, (n,), generator=gen, device=gen.device).cpu()
@@ -414,11 +507,12 @@ class LingshuCell(PerturbationModel):
             # path learns to carry the effect of perturbations never seen in training.
             hide = (torch.rand(p.shape, generator=gen, device=gen.device) < dropout) & has_t
             p = torch.where(hide, torch.full_like(p, UNKNOWN), p)
-            noisy, mask, t = mask_tokens(tok, gen)
+            noisy, mask, t = mask_tokens(tok, gen, full_mask=full_mask)
             d = self.device
+            extra = {"library": log_library(tok).to(d)} if lib else {}
             return masked_loss(model, noisy.to(d), tok.to(d), mask.to(d), t.to(d),
                                context=c.to(d), perturbation=p.to(d),
-                               target_genes=t_genes.to(d))
+                               target_genes=t_genes.to(d), **extra)
 
         workdir = Path(data.workdir or ".")
         diag = held_out_diagnostics(data, tokens, int(self.cfg["diagnostics_cells"]), data.seed)
@@ -427,12 +521,13 @@ class LingshuCell(PerturbationModel):
             h_ctx = torch.tensor([self.contexts.index(c) for c in held[CONTEXT_COL]])
             h_pert = torch.tensor([self._pert_index(p) for p in held[PERT_COL]])
             h_tgt = torch.stack([self._target_row(p) for p in held[PERT_COL]])
+            h_lib = {"library": log_library(diag.tokens)} if lib else {}
 
         def monitor(model, _step):
             d = self.device
             return diag(lambda x, rows: model(
                 x.to(d), context=h_ctx[rows].to(d), perturbation=h_pert[rows].to(d),
-                target_genes=h_tgt[rows].to(d)))
+                target_genes=h_tgt[rows].to(d), **{k: v[rows].to(d) for k, v in h_lib.items()}))
 
         steps = int(self.cfg["finetune_steps"])
         scale = float(self.cfg["cond_lr_scale"])
@@ -507,18 +602,31 @@ class LingshuCell(PerturbationModel):
         cond = self.condition_tensors(condition.context, condition.perturbation)
         uncond = self.condition_tensors(condition.context, CONTROL)  # guidance against control
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        library = None
+        if self.net_cfg.library_size:  # drawn from the context's control cells
+            if condition.control_counts.shape[0] == 0:
+                raise ConditionNotEncodable(
+                    condition.context, condition.perturbation,
+                    "no control cells of the context to draw library sizes from", self.name)
+            library = draw_library(log_library_of_counts(condition.control_counts),
+                                   condition.n_cells, rng)
         counts = self.sample_counts(cond, uncond, condition.n_cells, gen, self.guidance(),
-                                    progress=self._sample_bar,
+                                    progress=self._sample_bar, library=library,
                                     **self._prior_injection(condition))
         return np.asarray(log1p_cp10k(counts), dtype=np.float32)
 
     def sample_counts(self, cond: dict, uncond: dict, n_cells: int, gen: torch.Generator,
-                      guidance: float, progress=None, **fixed) -> np.ndarray:
+                      guidance: float, progress=None, library: np.ndarray | None = None,
+                      **fixed) -> np.ndarray:
         """(n_cells, n_genes) float32 raw counts of the fine-tuned network's cells under the
         condition tensors ``cond`` (see :meth:`condition_tensors`), guided against ``uncond``
         with weight ``guidance``: ``sample_steps`` unmasking steps, in batches of
-        ``sample_batch`` cells, tokens mapped back to counts (bin centres). ``fixed``: the
-        sampler's fixed tokens (:meth:`_prior_injection`)."""
+        ``sample_batch`` cells, tokens mapped back to counts (bin centres). ``library``:
+        (n_cells,) log1p library sizes, for a network with ``library_size`` (required there).
+        ``fixed``: the sampler's fixed tokens (:meth:`_prior_injection`)."""
+        if self.net_cfg.library_size != (library is not None):
+            raise ValueError("lingshu: sample_counts needs `library` exactly when the network "
+                             "has library_size")
         def model_fn(tokens, cnd, select=None):
             b = tokens.shape[0]
             return self.net(tokens, select=select,
@@ -527,9 +635,11 @@ class LingshuCell(PerturbationModel):
         blocks = []
         for start in range(0, n_cells, int(self.cfg["sample_batch"])):
             n = min(int(self.cfg["sample_batch"]), n_cells - start)
+            size = {} if library is None else {"library": torch.as_tensor(
+                library[start:start + n], dtype=torch.float32, device=self.device)}
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
-                         cond=cond, uncond=uncond, guidance=guidance, select=True,
-                         progress=progress, **fixed)
+                         cond={**cond, **size}, uncond={**uncond, **size}, guidance=guidance,
+                         select=True, progress=progress, **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks)
 
@@ -543,6 +653,7 @@ class LingshuCell(PerturbationModel):
                              "the pretrain rule")
         self.genes = list(ckpt["genes"])
         self.pretrained = LingshuNetwork(NetworkConfig(**ckpt["network"]))
+        self.pretrained_library = ckpt.get("library_quantiles")
         self.pretrained.load_state_dict(ckpt["weights"])
         self.pretrained = self.pretrained.to(self.device).eval()
 
@@ -554,9 +665,12 @@ class LingshuCell(PerturbationModel):
             raise RuntimeError("lingshu: call load_pretrained() before generate()")
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
         net = self.pretrained
+        library = None
+        if net.cfg.library_size:  # drawn from the training cells' library sizes
+            library = draw_library(self.pretrained_library, n_cells, rng, quantiles=True)
 
-        def model_fn(tokens, _cond, select=None):
-            return net(tokens, select=select)
+        def model_fn(tokens, cond, select=None):
+            return net(tokens, select=select, **(cond or {}))
 
         steps, batch = int(self.cfg["unconditional_steps"]), int(self.cfg["sample_batch"])
         blocks = []
@@ -566,9 +680,11 @@ class LingshuCell(PerturbationModel):
         with sampling_bar(steps, len(starts), "generate lingshu", disable=not progress) as bar:
             for start in starts:
                 n = min(batch, n_cells - start)
+                size = None if library is None else {"library": torch.as_tensor(
+                    library[start:start + n], dtype=torch.float32, device=self.device)}
                 with torch.no_grad():
-                    tok = sample(model_fn, n, len(self.genes), steps, gen, select=True,
-                                 progress=bar if progress else False)
+                    tok = sample(model_fn, n, len(self.genes), steps, gen, cond=size,
+                                 select=True, progress=bar if progress else False)
                 blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
 

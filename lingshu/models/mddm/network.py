@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lingshu.tokens import N_EXPR_TOKENS, VOCAB_SIZE
+from lingshu.tokens import MASK_TOKEN, N_EXPR_TOKENS, VOCAB_SIZE
 
 N_COND_TOKENS = 2  # context, perturbation
 GENE_POS_OFFSET = N_COND_TOKENS  # RoPE position of the first gene group
@@ -55,12 +55,24 @@ class NetworkConfig:
     # gene's logits (a condition-dependent shift of the per-gene bias, zero at the start),
     # beside the route through attention; 0 = off (the paper's head)
     cond_head_rank: int = 0
+    # ours: scale the cond_head shift of each cell by its share of masked genes (1 with every
+    # gene masked, 0 with none), since the visible genes tell more of the condition the more
+    # of them there are; off: the same shift at every mask rate
+    cond_head_masked: bool = False
     # ours, not the paper's: a per-gene rank-r readout added to the head, logits of gene g +=
     # A_g (P h_g) (P: D -> r shared, A: (r, G, 281), zero at the start), so that a state every
     # gene's vector carries (e.g. which cell type the visible genes point to) shifts each
     # gene's tokens its own way; the paper's head is one Linear(D, 281) shared over genes plus
     # a per-gene bias, so such a shift must be spelt out per gene group by the layers; 0 = off
     gene_head_rank: int = 0
+    # ours, not the paper's: each cell's library size (log1p of its total count) as an input,
+    # an embedding added to every gene-group token, so that the genes sampled in one parallel
+    # unmasking step share the cell's depth instead of each drawing it on its own; the
+    # sampler draws the size (lingshu.models.mddm.model). library_center / library_scale
+    # standardise log1p(total) (set from the training cells, carried by the checkpoint)
+    library_size: bool = False
+    library_center: float = 0.0
+    library_scale: float = 1.0
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     seed: int = 0  # seed of the fixed gene permutation
@@ -76,6 +88,8 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig: gene_head_rank must be >= 0, got {self.gene_head_rank}")
         if self.cond_head_rank < 0:
             raise ValueError(f"NetworkConfig: cond_head_rank must be >= 0, got {self.cond_head_rank}")
+        if not self.library_scale > 0:
+            raise ValueError(f"NetworkConfig: library_scale must be > 0, got {self.library_scale}")
         if (self.n_contexts > 0) != (self.n_perturbations > 0):
             raise ValueError(
                 "NetworkConfig: n_contexts and n_perturbations must both be > 0 (conditional) or both 0 "
@@ -265,6 +279,9 @@ class LingshuNetwork(nn.Module):
                 # (r, G, 281), zero: a fine-tuned model starts as its pre-trained one
                 self.cond_head_up = nn.Parameter(torch.zeros(r, G, N_EXPR_TOKENS))
 
+        if cfg.library_size:  # standardised log library size -> (D,), added to every group
+            self.library_emb = nn.Sequential(nn.Linear(1, D), nn.SiLU(), nn.Linear(D, D))
+
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(D, eps=cfg.norm_eps)
 
@@ -282,6 +299,9 @@ class LingshuNetwork(nn.Module):
             # held-out combinations (sim_stimulation: 33% of the cells predicted for a type B
             # combination sat nearest the type C centroid; README, "Lingshu-Cell at CPU scale").
             nn.init.zeros_(self.cond_head_down.weight[:, D:])
+        if cfg.library_size:  # zero: the input starts with no effect, as a new condition should
+            nn.init.zeros_(self.library_emb[2].weight)
+            nn.init.zeros_(self.library_emb[2].bias)
         for name, p in self.named_parameters():  # residual output projections, as GPT-2 / nanoGPT
             if name.endswith("attn.out.weight") or name.endswith("ff.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -349,10 +369,18 @@ class LingshuNetwork(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
+    def library_embedding(self, library: torch.Tensor) -> torch.Tensor:
+        """(B, D) embedding of the cells' library sizes ``library`` (B,): log1p(total count)."""
+        cfg = self.cfg
+        s = (library.float() - cfg.library_center) / cfg.library_scale  # (B,)
+        return self.library_emb(s[:, None].to(self.library_emb[0].weight.dtype))  # (B, D)
+
     def forward(self, tokens, context=None, perturbation=None, pert_features=None,
-                target_genes=None, select=None) -> torch.Tensor:
+                target_genes=None, select=None, library=None) -> torch.Tensor:
         """tokens: (B, G) long in [0, 281] (281 = MASK). Conditions as in :meth:`condition_tokens`,
         required for a conditional network and refused by an unconditional one.
+        library: (B,) float log1p(total count) of each cell, required with
+        ``cfg.library_size`` and refused without it.
         select: optional (B, G) bool; when given, only the logits of the selected genes are
         computed (the per-gene head is most of a forward pass when G is large and few genes
         are read, as in many-step sampling).
@@ -363,6 +391,13 @@ class LingshuNetwork(nn.Module):
             raise ValueError(f"tokens have {G} genes, the network was built for {cfg.n_genes}")
 
         x = self.compress(self.embed(tokens))  # (B, G/S, D)
+        if cfg.library_size:
+            if library is None or library.shape != (B,):
+                raise ValueError("a network with library_size needs `library`, a (B,) tensor of "
+                                 "log1p(total count) per cell")
+            x = x + self.library_embedding(library).to(x.dtype)[:, None]  # (B, G/S, D)
+        elif library is not None:
+            raise ValueError("`library` given to a network built without library_size")
 
         if cfg.conditional:
             if context is None or perturbation is None:
@@ -377,6 +412,8 @@ class LingshuNetwork(nn.Module):
                 raise ValueError("conditions given to an unconditional network (n_contexts=0)")
             start = GENE_POS_OFFSET  # gene groups keep positions 2.. without condition tokens
         head_cond = cond if cfg.conditional and cfg.cond_head_rank else None
+        if head_cond is not None and cfg.cond_head_masked:
+            masked_share = (tokens == MASK_TOKEN).float().mean(1)  # (B,)
         L = x.shape[1]
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]  # (L, hd)
 
@@ -396,12 +433,22 @@ class LingshuNetwork(nn.Module):
                 z = self.gene_head_down(h)  # (K, r)
                 for i in range(cfg.gene_head_rank):  # one (K, 281) gather at a time
                     logits = logits + z[:, i : i + 1] * self.gene_head_up[i, g]
-            return logits if head_cond is None else logits + self.cond_head_shift(head_cond, b, g)
+            if head_cond is None:
+                return logits
+            shift = self.cond_head_shift(head_cond, b, g)  # (K, 281)
+            if cfg.cond_head_masked:
+                shift = shift * masked_share[b, None].to(shift.dtype)
+            return logits + shift
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         logits = self.head(x) + self.head_bias  # (B, G, 281)
         if cfg.gene_head_rank:
             logits = logits + torch.einsum("bgr,rgv->bgv", self.gene_head_down(x), self.gene_head_up)
-        return logits if head_cond is None else logits + self.cond_head_shift(head_cond)
+        if head_cond is None:
+            return logits
+        shift = self.cond_head_shift(head_cond)  # (B, G, 281)
+        if cfg.cond_head_masked:
+            shift = shift * masked_share[:, None, None].to(shift.dtype)
+        return logits + shift
 
     # -- accounting ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ SPECS = (
         sampling_keys=frozenset({"guidance", "sample_steps", "sample_batch",
                                  "unconditional_steps", "prior_injection"}),
         generation_keys=frozenset({"unconditional_steps", "sample_batch"}),
-        fit_keys=frozenset({"finetune_steps", "identity_dropout", "cond_lr_scale"}),
+        fit_keys=frozenset({"finetune_steps", "identity_dropout", "cond_lr_scale",
+                             "full_mask_share"}),
     ),
 )
