@@ -32,7 +32,7 @@ def test_training_jobs_never_see_sampling_settings_or_resources():
     cfg = _config(variants={"w3": {"guidance": 3.0}})
     training = plan.training_params(cfg, "lingshu", "sim_genetic")
     assert training == {"preset": "small", "pretrain_steps": 250, "finetune_steps": 200,
-                        "batch_size": 64, "network": {"cond_head_rank": 16},
+                        "batch_size": 64, "network": {"cond_head_rank": 16, "cond_head_masked": True},
                         "cond_lr_scale": 10}
     edited = _config(guidance=2.5, sample_steps=8, threads=1, variants={"w9": {"guidance": 9}})
     assert plan.training_params(edited, "lingshu", "sim_genetic") == training
@@ -42,8 +42,9 @@ def test_pretraining_never_sees_fine_tuning_settings():
     cfg = _config()
     assert plan.pretraining_params(cfg, "lingshu", "sim_genetic") == {
         "preset": "small", "pretrain_steps": 250, "batch_size": 64,
-        "network": {"cond_head_rank": 16}}
-    edited = _config(finetune_steps=21, identity_dropout=0.2, cond_lr_scale=3)
+        "network": {"cond_head_rank": 16, "cond_head_masked": True}}
+    edited = _config(finetune_steps=21, identity_dropout=0.2, cond_lr_scale=3,
+                     full_mask_share=0.25)
     assert plan.pretraining_params(edited, "lingshu", "sim_genetic") == plan.pretraining_params(
         cfg, "lingshu", "sim_genetic")
     assert plan.training_params(edited, "lingshu", "sim_genetic") != plan.training_params(
