@@ -23,6 +23,7 @@ from lingshu.evaluate import (
     evaluate_predictions,
     evaluate_to_dir,
     read_summary,
+    sampler_mae_floor,
     summarize,
     vcc_score,
 )
@@ -211,7 +212,35 @@ def test_evaluate_to_dir_writes_summary(truth, tmp_path):
 
     evaluate_to_dir(str(truth_path), None, str(tmp_path / "ceiling"), ceiling=True)
     ceiling = read_summary(str(tmp_path / "ceiling"))
-    assert ceiling["ceiling"] and np.isnan(ceiling["metrics"]["mae"])
+    # cell-eval gives MAE no ceiling; the perfect sampler's expected MAE stands in
+    assert ceiling["ceiling"]
+    assert ceiling["metrics"]["mae"] == pytest.approx(sampler_mae_floor(truth))
+    assert 0 < ceiling["metrics"]["mae"] < summary["metrics"]["mae"] * 5
+
+
+def test_sampler_mae_floor_has_the_known_value_and_matches_fresh_draws():
+    """One condition of 4 cells whose gene takes 0, 0, 2, 2: var 4/3, so the floor is
+    sqrt(2/pi) * sqrt(2 * (4/3) / 4). On normal data it is what a second draw of as many cells
+    from the same distribution scores against the first (averaged over 300 genes x 40 draws),
+    and what a mean-exact model scores is 1/sqrt(2) of it; controls are not counted."""
+    obs = pd.DataFrame({PERT_COL: ["P"] * 4 + [CONTROL] * 3, CONTEXT_COL: "A",
+                        "is_real_control": [False] * 4 + [True] * 3})
+    x = np.array([[0.0], [0.0], [2.0], [2.0], [9.0], [0.0], [5.0]])
+    one = ad.AnnData(X=x, obs=obs.set_axis([f"c{i}" for i in range(7)]))
+    assert sampler_mae_floor(one) == pytest.approx(np.sqrt(2 / np.pi) * np.sqrt(2 * (4 / 3) / 4))
+
+    rng = np.random.default_rng(0)
+    n, genes = 30, 300
+    sd = rng.uniform(0.2, 1.5, genes)
+    cells = rng.normal(2.0, sd, (n, genes))
+    truth = ad.AnnData(X=cells, obs=pd.DataFrame({PERT_COL: "P", CONTEXT_COL: "A"},
+                                                 index=[f"c{i}" for i in range(n)]))
+    floor = sampler_mae_floor(truth)
+    fresh = np.mean([np.abs(rng.normal(2.0, sd, (n, genes)).mean(0) - cells.mean(0)).mean()
+                     for _ in range(40)])
+    assert floor == pytest.approx(fresh, rel=0.08)
+    exact = np.abs(2.0 - cells.mean(0)).mean()  # a model that predicts the true mean
+    assert exact == pytest.approx(floor / np.sqrt(2), rel=0.15)
 
 
 def test_summary_names_the_run_and_its_sampling(truth, tmp_path):

@@ -9,6 +9,7 @@ from lingshu.evaluate.perturbation import (
     evaluate_predictions,
     evaluate_to_dir,
     read_summary,
+    sampler_mae_floor,
     summarize,
     vcc_score,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "evaluate_predictions",
     "evaluate_to_dir",
     "read_summary",
+    "sampler_mae_floor",
     "summarize",
     "vcc_score",
 ]

@@ -389,10 +389,43 @@ def spearman_brown(r: float) -> float:
     return 2 * r / (1 + r) if np.isfinite(r) and r > 0 else float("nan")
 
 
+def sampler_mae_floor(truth: ad.AnnData) -> float:
+    """The MAE a perfect generative model expects: one that draws as many cells as the truth
+    holds from each held-out condition's own distribution (the truth's cells are one such
+    draw). cell-eval's MAE compares gene means, so each gene contributes E|mean of n fresh
+    cells - mean of the truth's n cells| = sqrt(2 / pi) * sqrt(2 var / n) (normal
+    approximation; var: the gene's variance over the condition's cells in log1p(CP10k)),
+    averaged over genes, then over conditions within a context, then over contexts (as
+    :func:`summarize` averages). A model that predicts every condition's true mean exactly
+    expects 1/sqrt(2) of it. Conditions with fewer than 2 cells are skipped; NaN if none is
+    left.
+    """
+    obs = truth.obs
+    keep = (obs[PERT_COL].astype(str) != CONTROL).to_numpy()
+    if "is_real_control" in obs:
+        keep &= ~obs["is_real_control"].to_numpy(dtype=bool)
+    rows = []
+    groups = obs[keep].groupby([CONTEXT_COL, PERT_COL], observed=True).indices
+    positions = np.flatnonzero(keep)
+    for (ctx, _pert), idx in groups.items():
+        n = len(idx)
+        if n < 2:
+            continue
+        x = truth.X[positions[idx]]
+        x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+        var = x.var(axis=0, ddof=1)
+        rows.append((ctx, float(np.mean(np.sqrt(2.0 / np.pi) * np.sqrt(2.0 * var / n)))))
+    if not rows:
+        return float("nan")
+    table = pd.DataFrame(rows, columns=[CONTEXT_COL, "floor"])
+    return float(table.groupby(CONTEXT_COL)["floor"].mean().mean())
+
+
 def ceiling_summary(ceiling_agg: pd.DataFrame, per_condition: pd.DataFrame) -> dict[str, float]:
     """The data ceiling: cell-eval's Spearman-Brown corrected aggregate, averaged over contexts.
 
-    Metrics with no defensible ceiling (MAE, counts) come out NaN, as cell-eval emits them.
+    Metrics with no defensible ceiling (MAE, counts) come out NaN, as cell-eval emits them
+    (:func:`evaluate_to_dir` then sets MAE to :func:`sampler_mae_floor`).
     ``spearman_nsig`` is the pooled split-half Spearman of #DEG, corrected the same way.
     """
     columns = [c for c in metric_columns(ceiling_agg) if c in per_condition.columns]
@@ -546,7 +579,7 @@ def evaluate_to_dir(
     ``distribution.tsv``: per held-out condition, the predicted cells' distribution against the
     real ones (:func:`lingshu.evaluate.fidelity.condition_fidelity`). For the ceiling,
     ``metrics`` is the Spearman-Brown corrected ceiling (:func:`ceiling_summary`), not the raw
-    half-depth means.
+    half-depth means, with MAE the perfect sampler's (:func:`sampler_mae_floor`).
     """
     start = time.perf_counter()
     per_condition = evaluate_predictions(truth_path, pred_path, outdir, threads=threads,
@@ -554,6 +587,7 @@ def evaluate_to_dir(
     if ceiling:
         agg = pd.read_csv(Path(outdir) / "ceiling_agg.tsv", sep="\t")
         metrics = ceiling_summary(agg, per_condition)
+        metrics["mae"] = sampler_mae_floor(ad.read_h5ad(truth_path))
         record: dict[str, object] = {"run": "data ceiling", "sampling": {}}
     else:
         from lingshu.evaluate.fidelity import condition_fidelity

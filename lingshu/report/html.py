@@ -45,7 +45,10 @@ SCORE_NOTES = (
     "<b>Average rank</b>: mean of the seven per-metric ranks (undefined values rank last). "
     "Brackets: 95% bootstrap interval over test conditions (resampled within each context); "
     "parentheses: rank among models. The <b>data ceiling</b> is cell-eval's split-half estimate "
-    "of the best score the data allow (Spearman-Brown corrected; none for MAE)."
+    "of the best score the data allow (Spearman-Brown corrected); for MAE it is the MAE a model "
+    "expects that samples each held-out condition's own distribution, as many cells as the "
+    "truth holds (a model that predicts each condition's true mean expects 1/&radic;2 of it, "
+    "so a mean-predicting baseline can score below it)."
 )
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
