@@ -69,7 +69,8 @@ class NetworkConfig:
     # an embedding added to every gene-group token, so that the genes sampled in one parallel
     # unmasking step share the cell's depth instead of each drawing it on its own; the
     # sampler draws the size (lingshu.models.mddm.model). library_center / library_scale
-    # standardise log1p(total) (set from the training cells, carried by the checkpoint)
+    # standardise log1p(total) (set from the training cells, carried by the checkpoint). Its
+    # held-out bits are given each cell's own library size, which the floors do not know
     library_size: bool = False
     library_center: float = 0.0
     library_scale: float = 1.0
