@@ -368,6 +368,18 @@ class LingshuNetwork(nn.Module):
                 out.append(full[(cells[lo:hi] - start) * G + genes[lo:hi]])
         return torch.cat(out) if out else z.new_zeros(0, V)
 
+    def _head_shift(self, cond: torch.Tensor, tokens: torch.Tensor, cells: torch.Tensor | None = None,
+                    genes: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`cond_head_shift`, scaled by each cell's share of masked genes in ``tokens``
+        (B, G) under ``cond_head_masked``: (B, G, 281), or (K, 281) for the pairs ``cells``,
+        ``genes``."""
+        shift = self.cond_head_shift(cond, cells, genes)
+        if not self.cfg.cond_head_masked:
+            return shift
+        share = (tokens == MASK_TOKEN).float().mean(1)  # (B,)
+        scale = share[:, None, None] if cells is None else share[cells, None]
+        return shift * scale.to(shift.dtype)
+
     # -- forward ---------------------------------------------------------------------------
 
     def library_embedding(self, library: torch.Tensor) -> torch.Tensor:
@@ -413,8 +425,6 @@ class LingshuNetwork(nn.Module):
                 raise ValueError("conditions given to an unconditional network (n_contexts=0)")
             start = GENE_POS_OFFSET  # gene groups keep positions 2.. without condition tokens
         head_cond = cond if cfg.conditional and cfg.cond_head_rank else None
-        if head_cond is not None and cfg.cond_head_masked:
-            masked_share = (tokens == MASK_TOKEN).float().mean(1)  # (B,)
         L = x.shape[1]
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]  # (L, hd)
 
@@ -434,22 +444,12 @@ class LingshuNetwork(nn.Module):
                 z = self.gene_head_down(h)  # (K, r)
                 for i in range(cfg.gene_head_rank):  # one (K, 281) gather at a time
                     logits = logits + z[:, i : i + 1] * self.gene_head_up[i, g]
-            if head_cond is None:
-                return logits
-            shift = self.cond_head_shift(head_cond, b, g)  # (K, 281)
-            if cfg.cond_head_masked:
-                shift = shift * masked_share[b, None].to(shift.dtype)
-            return logits + shift
+            return logits if head_cond is None else logits + self._head_shift(head_cond, tokens, b, g)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         logits = self.head(x) + self.head_bias  # (B, G, 281)
         if cfg.gene_head_rank:
             logits = logits + torch.einsum("bgr,rgv->bgv", self.gene_head_down(x), self.gene_head_up)
-        if head_cond is None:
-            return logits
-        shift = self.cond_head_shift(head_cond)  # (B, G, 281)
-        if cfg.cond_head_masked:
-            shift = shift * masked_share[:, None, None].to(shift.dtype)
-        return logits + shift
+        return logits if head_cond is None else logits + self._head_shift(head_cond, tokens)
 
     # -- accounting ------------------------------------------------------------------------
 
