@@ -9,9 +9,9 @@ whole effect for the genes it changes. This script splits every model's MAE, per
 and then averaged over conditions, into the ``--top`` share of genes whose true mean moves
 most from the context's real control cells (the truth file's) and the rest, and adds:
 
-- a ``[perfect sampler]`` row: the MAE of one half of the truth's cells against the other
-  half, scaled by 1/sqrt(2) to a sample the truth's size: what a model that samples cells
-  from the true distribution pays for its cells' sampling noise alone (a model that predicts
+- a ``[perfect sampler]`` row: what a model that samples as many cells as the truth holds
+  from the true distribution pays for its cells' sampling noise alone
+  (:func:`lingshu.evaluate.sampler_gene_error`, the data ceiling's MAE; a model that predicts
   means pays none of it);
 - ``signed``: the mean of (predicted - true) over genes, a level bias;
 - a ``[quantiser round trip]`` row: the MAE of the truth's cells against the same cells'
@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from lingshu.constants import CONTROL
 from lingshu.data.normalize import log1p_cp10k
+from lingshu.evaluate import sampler_gene_error
 from lingshu.io import write_table
 from lingshu.tokens import dequantize_tokens, quantize_counts
 
@@ -90,19 +91,17 @@ def own_context_share(cells: ad.AnnData, contexts: list[str], centroids: np.ndar
     return float(np.mean(shares))
 
 
-def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float, seed: int) -> dict:
-    """What a perfect sampler pays: the MAE between two random halves of each condition's true
-    cells over sqrt(2) (the noise of a sample the truth's size against the truth), split as
+def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float) -> dict:
+    """What a perfect sampler pays: each gene's expected error of a sample the truth's size
+    against the truth (:func:`sampler_gene_error`, as the data ceiling's MAE), split as
     :func:`split_mae` splits a model's, averaged over conditions."""
-    t, rng, out = _dense(truth.X), np.random.default_rng(seed), []
+    t, out = _dense(truth.X), []
     for pert, ctx in conditions.itertuples(index=False):
         rows = np.flatnonzero(((truth.obs["perturbation"] == pert)
                                & (truth.obs["context"] == ctx)).to_numpy())
-        rows = rng.permutation(rows)
-        half = len(rows) // 2
         change = np.abs(t[rows].mean(0) - _mean_of(truth, t, "control", ctx))
         changed = change >= np.quantile(change, 1 - top)
-        err = np.abs(t[rows[:half]].mean(0) - t[rows[half:2 * half]].mean(0)) / np.sqrt(2)
+        err = sampler_gene_error(t[rows])
         out.append((err.mean(), err[changed].mean(), err[~changed].mean()))
     return dict(zip(("mae", "mae_changed", "mae_rest"), np.mean(out, axis=0)))
 
@@ -132,7 +131,6 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", help="prediction runs (default: every one)")
     parser.add_argument("--top", type=float, default=0.1,
                         help="share of genes counted as changed (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the table here (TSV)")
     args = parser.parse_args(argv)
     rows = []
@@ -154,7 +152,7 @@ def main(argv=None) -> None:
         if conditions is not None:
             held = truth[truth.obs["perturbation"] != CONTROL]
             rows.append({"dataset": ds, "model": "[perfect sampler]",
-                         **own_noise(truth, conditions, args.top, args.seed),
+                         **own_noise(truth, conditions, args.top),
                          "own_context": own_context_share(held, contexts, centroids)})
             rows.append({"dataset": ds, "model": "[quantiser round trip]",
                          **quantiser_cost(processed, truth, conditions, args.top)})

@@ -389,16 +389,22 @@ def spearman_brown(r: float) -> float:
     return 2 * r / (1 + r) if np.isfinite(r) and r > 0 else float("nan")
 
 
+def sampler_gene_error(cells: np.ndarray) -> np.ndarray:
+    """(G,) each gene's expected |mean of n fresh cells - mean of these n cells| when the
+    fresh cells come from the same distribution as ``cells`` (n, G): sqrt(2 / pi) *
+    sqrt(2 var / n), var the gene's variance over ``cells`` (normal approximation). What a
+    perfect sampler of a condition pays per gene in cell-eval's MAE (gene means)."""
+    x = np.asarray(cells, dtype=np.float64)
+    return np.sqrt(2.0 / np.pi) * np.sqrt(2.0 * x.var(axis=0, ddof=1) / x.shape[0])
+
+
 def sampler_mae_floor(truth: ad.AnnData) -> float:
     """The MAE a perfect generative model expects: one that draws as many cells as the truth
     holds from each held-out condition's own distribution (the truth's cells are one such
-    draw). cell-eval's MAE compares gene means, so each gene contributes E|mean of n fresh
-    cells - mean of the truth's n cells| = sqrt(2 / pi) * sqrt(2 var / n) (normal
-    approximation; var: the gene's variance over the condition's cells in log1p(CP10k)),
-    averaged over genes, then over conditions within a context, then over contexts (as
-    :func:`summarize` averages). A model that predicts every condition's true mean exactly
-    expects 1/sqrt(2) of it. Conditions with fewer than 2 cells are skipped; NaN if none is
-    left.
+    draw): :func:`sampler_gene_error` averaged over genes, then over conditions within a
+    context, then over contexts (as :func:`summarize` averages). A model that predicts every
+    condition's true mean exactly expects 1/sqrt(2) of it. Conditions with fewer than 2 cells
+    are skipped; NaN if none is left.
     """
     obs = truth.obs
     keep = (obs[PERT_COL].astype(str) != CONTROL).to_numpy()
@@ -408,13 +414,10 @@ def sampler_mae_floor(truth: ad.AnnData) -> float:
     groups = obs[keep].groupby([CONTEXT_COL, PERT_COL], observed=True).indices
     positions = np.flatnonzero(keep)
     for (ctx, _pert), idx in groups.items():
-        n = len(idx)
-        if n < 2:
+        if len(idx) < 2:
             continue
         x = truth.X[positions[idx]]
-        x = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
-        var = x.var(axis=0, ddof=1)
-        rows.append((ctx, float(np.mean(np.sqrt(2.0 / np.pi) * np.sqrt(2.0 * var / n)))))
+        rows.append((ctx, float(sampler_gene_error(x.toarray() if sp.issparse(x) else x).mean())))
     if not rows:
         return float("nan")
     table = pd.DataFrame(rows, columns=[CONTEXT_COL, "floor"])
