@@ -320,15 +320,16 @@ class LingshuCell(PerturbationModel):
         if self.cfg["preset"] not in PRESETS:
             raise ValueError(f"lingshu: unknown preset {self.cfg['preset']!r}; "
                              f"choose one of {sorted(PRESETS)}")
-        self._check_condition_path()
+        self._check_options()
         if self.cfg["head_bias_init"] not in ("marginal", "zero"):
             raise ValueError(f"lingshu: head_bias_init must be 'marginal' or 'zero', got "
                              f"{self.cfg['head_bias_init']!r}")
         self.device = _device(self.cfg["device"])
 
-    def _check_condition_path(self) -> None:
-        """The condition-path options (``cond_lr_scale``, ``network.cond_head_rank``) and the
-        network overrides' names, checked before any work, each error naming the field."""
+    def _check_options(self) -> None:
+        """The options the generic number check does not cover (``cond_lr_scale``,
+        ``full_mask_share``, the network overrides' names and switches and ranks), checked
+        before any work, each error naming the field and the fix."""
         scale = self.cfg["cond_lr_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise input_error("config", "models.lingshu.cond_lr_scale",
