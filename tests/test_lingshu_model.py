@@ -120,6 +120,23 @@ def test_sampling_settings_of_a_fitted_model(fitted):
         load_model(str(work / "model.npz"), sampling={"finetune_steps": 3})
 
 
+def test_stratified_draws_are_a_sampling_setting_of_the_fitted_model(fitted):
+    from lingshu.models.base import ConditionInput
+
+    adata, _, _, work = fitted
+    ctrl = adata[(adata.obs["perturbation"] == "control").to_numpy()].X[:5]
+    cells = {}
+    for stratified in (False, True):
+        model = load_model(str(work / "model.npz"), sampling={"stratified": stratified})
+        assert model.cfg["stratified"] is stratified
+        draw = [model.predict(ConditionInput("A", "G3", ctrl, 40), np.random.default_rng(2))
+                for _ in range(2)]
+        np.testing.assert_array_equal(draw[0], draw[1])  # seeded either way
+        cells[stratified] = draw[0]
+    assert cells[True].shape == cells[False].shape == (40, 24)
+    assert not np.array_equal(cells[True], cells[False])
+
+
 def test_cond_lr_scale_must_be_positive():
     with pytest.raises(ValueError, match="cond_lr_scale"):
         build_model("lingshu", {**TINY, "cond_lr_scale": 0})

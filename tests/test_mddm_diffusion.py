@@ -9,9 +9,11 @@ import torch
 
 from lingshu.models.mddm.diffusion import (
     diffusion_loss,
+    inverse_cdf,
     mask_tokens,
     masked_loss,
     sample,
+    stratified_uniforms,
     unmask_schedule,
 )
 from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
@@ -239,6 +241,88 @@ def test_selective_sampling_gives_the_same_cells():
     full = sample(lambda x, c: net(x), 6, 40, 16, gen(4))
     part = sample(lambda x, c, select=None: net(x, select=select), 6, 40, 16, gen(4), select=True)
     assert torch.equal(full, part)
+
+
+# -- stratified draws: the same distribution per token, less noise per batch ----------------
+
+
+def test_stratified_uniforms_put_one_chosen_cell_in_each_stratum_of_its_column():
+    chosen = torch.rand(50, 30, generator=gen(1)) < 0.4
+    u = stratified_uniforms(chosen, gen(2))
+    assert ((u >= 0) & (u < 1)).all()
+    for g in range(30):
+        c = int(chosen[:, g].sum())
+        strata = torch.floor(u[chosen[:, g], g] * c).long().sort().values
+        assert torch.equal(strata, torch.arange(c))  # one per stratum, none twice
+
+
+def test_stratified_uniforms_are_uniform_for_each_cell_on_its_own():
+    chosen = torch.ones(8, 2000, dtype=torch.bool)
+    u = stratified_uniforms(chosen, gen(3))  # each column: one value per eighth
+    for cell in range(8):  # over 2,000 columns a cell's values are U(0, 1)
+        counts = torch.bincount(torch.floor(u[cell] * 4).long(), minlength=4).float()
+        assert (counts - 500).abs().max() < 75  # 3.9 standard deviations
+
+
+def test_inverse_cdf_draws_from_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2]).expand(40000, 4)
+    tok = inverse_cdf(probs, torch.rand(40000, generator=gen(4)))
+    share = torch.bincount(tok, minlength=4).float() / 40000
+    assert share[1] == 0 and torch.allclose(share, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.01)
+    edges = inverse_cdf(probs[:3], torch.tensor([0.0, 0.5, 1.0 - 1e-9]))
+    assert edges.tolist() == [0, 2, 3]
+
+
+class FixedLogits:
+    """Logits that ignore the tokens: every cell's genes have the same distribution."""
+
+    def __init__(self, n_genes, seed=0):
+        self.logits = torch.randn(n_genes, V, generator=gen(seed)) * 3
+
+    def __call__(self, tokens, cond, select=None):
+        full = self.logits.expand(tokens.shape[0], -1, -1)
+        return full if select is None else full[select]
+
+
+def test_stratified_sampling_matches_each_genes_distribution_within_one_cell():
+    n, g = 64, 20
+    model = FixedLogits(g)
+    cdf = torch.softmax(model.logits, -1).cumsum(-1)  # (G, V)
+
+    def worst_cdf_gap(tokens):  # largest |empirical - true| CDF gap over genes and tokens
+        emp = torch.stack([torch.bincount(tokens[:, j], minlength=V) for j in range(g)])
+        return float((emp.cumsum(-1) / n - cdf).abs().max())
+
+    # one step unmasks every gene at once: each gene's n draws are stratified, so the empirical
+    # CDF is within 1/n of the true one everywhere; independent draws stray further
+    strat = sample(model, n, g, 1, gen(5), select=True, stratified=True)
+    plain = sample(model, n, g, 1, gen(5), select=True)
+    assert worst_cdf_gap(strat) <= 1 / n + 1e-6
+    assert worst_cdf_gap(plain) > 2 / n
+    # over steps the cells that unmask a gene at each step are stratified among themselves
+    several = sample(model, n, g, 3, gen(6), select=True, stratified=True)
+    assert (several != MASK_TOKEN).all() and worst_cdf_gap(several) <= 3 / n + 1e-6
+
+
+def test_stratified_sampling_keeps_each_cells_distribution():
+    # one gene, 2 cells per batch, many batches: a cell's tokens over batches follow the
+    # distribution exactly as independent draws do (the strata only couple the two cells)
+    model = FixedLogits(1, seed=2)
+    probs = torch.softmax(model.logits[0], -1)
+    tokens = torch.cat([sample(model, 2, 1, 1, gen(s), stratified=True)[0] for s in range(3000)])
+    top = probs.argsort(descending=True)[:3]
+    share = torch.stack([(tokens == t).float().mean() for t in top])
+    assert torch.allclose(share, probs[top], atol=0.035)
+
+
+def test_stratified_sampling_is_deterministic_and_leaves_the_default_draws_alone():
+    model = FakeModel()
+    a = sample(model, B, G, 4, gen(3), cond={"id": 1}, stratified=True)
+    b = sample(FakeModel(), B, G, 4, gen(3), cond={"id": 1}, stratified=True)
+    plain = sample(FakeModel(), B, G, 4, gen(3), cond={"id": 1})
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    assert torch.equal(plain, sample(FakeModel(), B, G, 4, gen(3), cond={"id": 1},
+                                     stratified=False))
 
 
 # -- progress: per unmasking step, never drawing randomness ----------------------------------

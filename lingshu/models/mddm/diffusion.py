@@ -126,6 +126,7 @@ def sample(
     fixed_mask: torch.Tensor | None = None,
     progress: bool | Any = False,
     select: bool = False,
+    stratified: bool = False,
 ) -> torch.Tensor:
     """Generate cells by iterative unmasking (SPEC 1.4).
 
@@ -144,6 +145,12 @@ def sample(
     select: ``model_fn`` takes ``select=`` ((B, G) bool) and returns logits (K, 281) of the
         selected genes only; the sampler then asks only for the genes it unmasks. Same result,
         far less work when each step unmasks few genes (e.g. 256 steps).
+    stratified: draw each token by inverting its softmax's CDF at a uniform that is
+        stratified across the cells unmasking that gene at that step (Latin hypercube:
+        :func:`stratified_uniforms`) rather than independently. Ours, off by default (SPEC:
+        independent draws). Each token's distribution is unchanged, softmax(logits); only the
+        cells of one batch stop being independent, so that the batch's tokens of a gene
+        follow its distributions more closely than independent draws do.
 
     Every cell starts all-masked except its fixed genes. At step s the cosine schedule sets how
     many genes stay masked (round(n * cos(pi/2 * s/N)), n = the cell's free genes, as in
@@ -172,7 +179,8 @@ def sample(
         bar = None if progress is False or progress is None else progress
     try:
         for s in range(1, steps + 1):
-            _unmask_step(model_fn, x, s, steps, n_free, generator, cond, uncond, guidance, select)
+            _unmask_step(model_fn, x, s, steps, n_free, generator, cond, uncond, guidance, select,
+                         stratified)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -193,7 +201,7 @@ def sampling_bar(steps: int, n_batches: int, desc: str = "sampling", disable: bo
 
 def _unmask_step(model_fn: ModelFn, x: torch.Tensor, s: int, steps: int, n_free: torch.Tensor,
                  generator: torch.Generator, cond: Any, uncond: Any, guidance: float,
-                 select: bool) -> None:
+                 select: bool, stratified: bool = False) -> None:
     """Step ``s`` of :func:`sample`, on ``x`` in place."""
     n_cells, n_genes = x.shape
     device = x.device
@@ -213,4 +221,36 @@ def _unmask_step(model_fn: ModelFn, x: torch.Tensor, s: int, steps: int, n_free:
     else:
         logits = guided_logits(model_fn, x, cond, uncond, guidance)[chosen]  # (K, 281)
     probs = torch.softmax(logits.float(), dim=-1)  # (K, 281), K = genes unmasked now
-    x[chosen] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (K,)
+    if stratified:
+        u = stratified_uniforms(chosen, generator)[chosen]  # (K,), in logits' row-major order
+        x[chosen] = inverse_cdf(probs, u)
+    else:
+        x[chosen] = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (K,)
+
+
+def stratified_uniforms(chosen: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, G) uniforms in [0, 1), stratified down each column over its ``chosen`` cells.
+
+    chosen: (B, G) bool. In column g with c chosen cells, those cells get (r + v) / c, where r
+    is a uniformly random permutation of 0..c-1 and v ~ U(0, 1) independently per cell: each
+    value is U(0, 1) on its own, and the c values fall one in each of c equal strata. Entries
+    outside ``chosen`` are meaningless.
+    """
+    B, G = chosen.shape
+    keys = torch.rand(B, G, generator=generator, device=chosen.device)  # (B, G)
+    keys = torch.where(chosen, keys, torch.full_like(keys, 2.0))  # chosen cells first
+    order = keys.argsort(dim=0)  # (B, G)
+    rank = torch.empty_like(order).scatter_(
+        0, order, torch.arange(B, device=chosen.device)[:, None].expand(B, G))  # (B, G)
+    jitter = torch.rand(B, G, generator=generator, device=chosen.device)  # (B, G)
+    count = chosen.sum(0).clamp(min=1)  # (G,)
+    return ((rank.float() + jitter) / count.float()).clamp(max=1.0 - 1e-7)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token at which each row's cumulative ``probs`` (K, V) first exceeds ``u`` (K,):
+    a draw from ``probs`` when u ~ U(0, 1). Returns (K,) long in 0..V-1."""
+    cdf = probs.double().cumsum(-1)  # (K, V)
+    cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, whatever float rounding left
+    tok = torch.searchsorted(cdf, u.double()[:, None], right=True).squeeze(1)  # (K,)
+    return tok.clamp(max=probs.shape[-1] - 1)

@@ -13,7 +13,8 @@ their target genes' learned gene-identity embeddings (SPEC 1.2a); to teach that 
 identity of a training perturbation that has targets in the panel is hidden with probability
 ``identity_dropout``. Sampling (SPEC 1.4): N unmasking steps with classifier-free guidance
 against the control condition of the same context. The sampling settings (``guidance``,
-``sample_steps``, ``sample_batch``, ``unconditional_steps``, ``prior_injection``; see
+``sample_steps``, ``sample_batch``, ``unconditional_steps``, ``prior_injection``,
+``stratified``; see
 :mod:`lingshu.models.mddm.spec`) are read only when sampling, so a fitted model is sampled
 with any of them without training again.
 """
@@ -95,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
     "full_mask_share": 0.0,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
+    # each token drawn at a uniform stratified across the batch's cells (diffusion.sample's
+    # ``stratified``); ours, off by default (SPEC: independent draws)
+    "stratified": False,
     "device": "auto",
     "compile": False,  # torch.compile the network for training (GPU runs)
     # the head's per-gene bias starts at each gene's log marginal token distribution in the
@@ -641,7 +645,8 @@ class LingshuCell(PerturbationModel):
                 library[start:start + n], dtype=torch.float32, device=self.device)}
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
                          cond={**cond, **size}, uncond={**uncond, **size}, guidance=guidance,
-                         select=True, progress=progress, **fixed)
+                         select=True, progress=progress, stratified=bool(self.cfg["stratified"]),
+                         **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks)
 
@@ -686,7 +691,8 @@ class LingshuCell(PerturbationModel):
                     library[start:start + n], dtype=torch.float32, device=self.device)}
                 with torch.no_grad():
                     tok = sample(model_fn, n, len(self.genes), steps, gen, cond=size,
-                                 select=True, progress=bar if progress else False)
+                                 select=True, progress=bar if progress else False,
+                                 stratified=bool(self.cfg["stratified"]))
                 blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
 
