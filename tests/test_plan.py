@@ -34,7 +34,8 @@ def test_training_jobs_never_see_sampling_settings_or_resources():
     assert training == {"preset": "small", "pretrain_steps": 250, "finetune_steps": 200,
                         "batch_size": 64, "network": {"cond_head_rank": 16, "cond_head_masked": True},
                         "cond_lr_scale": 10}
-    edited = _config(guidance=2.5, sample_steps=8, threads=1, variants={"w9": {"guidance": 9}})
+    edited = _config(guidance=2.5, sample_steps=8, threads=1, stratified=False,
+                     variants={"w9": {"guidance": 9}})
     assert plan.training_params(edited, "lingshu", "sim_genetic") == training
 
 
@@ -56,7 +57,7 @@ def test_pretraining_never_sees_fine_tuning_settings():
 
 def test_a_variant_samples_on_top_of_the_base_settings():
     cfg = _config(variants={"w3": {"guidance": 3.0}})
-    base = {"guidance": 1.0, "sample_steps": 3, "unconditional_steps": 64}
+    base = {"guidance": 1.0, "sample_steps": 3, "unconditional_steps": 64, "stratified": True}
     assert plan.sampling_params(cfg, "lingshu", "sim_genetic") == base
     assert plan.sampling_params(cfg, "lingshu@w3", "sim_genetic") == {**base, "guidance": 3.0}
     assert plan.sampling_params(cfg, "linear", "sim_genetic") == {}
@@ -121,8 +122,10 @@ def test_spec_splits_a_block_into_training_and_sampling():
 
 def test_generate_jobs_get_only_the_settings_that_change_generation():
     cfg = _config(variants={"w3": {"guidance": 3.0}}, unconditional_steps=64)
-    assert plan.generation_params(cfg, "lingshu", "sim_genetic") == {"unconditional_steps": 64}
-    assert plan.generation_params(cfg, "lingshu@w3", "sim_genetic") == {"unconditional_steps": 64}
+    assert plan.generation_params(cfg, "lingshu", "sim_genetic") == {"unconditional_steps": 64,
+                                                                       "stratified": True}
+    assert plan.generation_params(cfg, "lingshu@w3", "sim_genetic") == {"unconditional_steps": 64,
+                                                                       "stratified": True}
 
 
 def test_an_external_entry_is_one_run_with_no_training_or_generation():
