@@ -135,6 +135,10 @@ def test_stratified_draws_are_a_sampling_setting_of_the_fitted_model(fitted):
         cells[stratified] = draw[0]
     assert cells[True].shape == cells[False].shape == (40, 24)
     assert not np.array_equal(cells[True], cells[False])
+    with pytest.raises(InputError, match="models.lingshu.stratified: 'false' is not true or false"):
+        load_model(str(work / "model.npz"), sampling={"stratified": "false"})
+    with pytest.raises(InputError, match="models.lingshu.stratified"):
+        build_model("lingshu", {**TINY, "stratified": 1})
 
 
 def test_cond_lr_scale_must_be_positive():

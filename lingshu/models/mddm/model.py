@@ -367,6 +367,21 @@ class LingshuCell(PerturbationModel):
                 raise input_error("config", f"models.lingshu.network.{key}",
                                   f"{rank!r} is not a whole number >= 0",
                                   f"set 0 (off, the paper's head) or a rank such as {example}")
+        self._check_sampling_switches()
+
+    def _check_sampling_switches(self) -> None:
+        """The sampling settings that are switches must be true or false (YAML's ``no`` is;
+        the text "false" would switch them on)."""
+        for key, meaning in (("stratified", "each token drawn at a stratified uniform"),
+                             ("prior_injection", "held-out targets' prior genes fixed")):
+            if not isinstance(self.cfg[key], bool):
+                raise input_error("config", f"models.lingshu.{key}",
+                                  f"{self.cfg[key]!r} is not true or false",
+                                  f"set true ({meaning}) or false")
+
+    def set_sampling(self, params: dict[str, Any]) -> None:
+        super().set_sampling(params)
+        self._check_sampling_switches()
 
     def training_settings(self) -> dict[str, Any]:
         """The settings that shape training (what resumable state is tied to): all but the
