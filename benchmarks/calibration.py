@@ -3,8 +3,9 @@
     python benchmarks/calibration.py --results results --datasets sim_genetic sim_stimulation
 
 For each dataset and context, the fitted model (``results/<dataset>/models/lingshu/model.npz``)
-samples ``--cells`` cells of the *control* condition (its own sampler, ``sample_steps`` of the
-model's settings; guidance has no effect, since the condition is the one guided against), and
+samples ``--cells`` cells of the *control* condition (its own sampler with the model's default
+sampling settings, or ``--sampling``'s, e.g. a config's ``stratified: true``; guidance has no
+effect, since the condition is the one guided against), and
 the script compares them with every real control cell of that context in ``processed.h5ad``
 (most of them training cells: this is the condition the model saw most):
 
@@ -22,6 +23,7 @@ it starts from. Nothing here is a test; it measures.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -91,6 +93,9 @@ def main(argv=None) -> None:
                         help="at most this many contexts per dataset (sorted; default all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampling", default="{}",
+                        help='the model\'s sampling settings as JSON, as a run gives them, e.g. '
+                             '\'{"stratified": true}\' (default: the model\'s defaults)')
     parser.add_argument("--out", help="also write the table here (TSV)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -99,7 +104,8 @@ def main(argv=None) -> None:
     for ds in args.datasets:
         res = Path(args.results) / ds
         processed = ad.read_h5ad(res / "processed.h5ad", backed="r")
-        model = load_model(str(res / "models" / "lingshu" / "model.npz"))
+        model = load_model(str(res / "models" / "lingshu" / "model.npz"),
+                           sampling=json.loads(args.sampling))
         obs = processed.obs
         contexts = sorted(map(str, obs["context"].unique()))[:args.contexts]
         for i, ctx in enumerate(contexts):
