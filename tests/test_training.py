@@ -99,6 +99,19 @@ def test_param_groups_decay_matrices_only():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_lingshu_head_bias_table_is_not_decayed():
+    # a (genes, tokens) table of log-probabilities: two dimensions, but a bias. Decayed, AdamW
+    # pulls every gene toward the uniform distribution over tokens at every step
+    from lingshu.models.mddm.network import LingshuNetwork, config_from_preset
+
+    net = LingshuNetwork(config_from_preset("tiny", 24, gene_head_rank=2))
+    groups = param_groups(net, 0.1)
+    decayed = {n for n, p in net.named_parameters()
+               for g in groups if g["weight_decay"] > 0 and any(p is q for q in g["params"])}
+    assert "head_bias" not in decayed
+    assert {"head.weight", "compress.weight", "gene_head_up"} <= decayed
+
+
 def test_lr_scale_multiplies_the_learning_rate_of_parameters_by_name_prefix(tmp_path):
     model = Toy(cond=True)
     groups = param_groups(model, 0.1, {"fc2": 0.0, "fc2.bias": 2.0})

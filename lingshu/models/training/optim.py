@@ -2,7 +2,8 @@
 
 Weight decay is applied to weight *matrices* only: a parameter is decayed when it has two or
 more dimensions and is neither the weight of an ``nn.Embedding``/``nn.EmbeddingBag`` nor a bare
-``nn.Parameter`` whose name contains ``emb`` (e.g. a learned positional embedding). Biases,
+``nn.Parameter`` whose name contains ``emb`` (e.g. a learned positional embedding) or ``bias``
+(e.g. Lingshu-Cell's per-gene head bias, a (genes, tokens) table of log-probabilities). Biases,
 norm scales/shifts and every other 1-D parameter are not decayed (:func:`param_groups`).
 
 ``lr_scale`` ({name prefix: multiplier}) gives the parameters whose names start with a prefix a
@@ -32,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float,
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
         for pname, p in module.named_parameters(recurse=False):
-            if p.ndim < 2 or "emb" in pname.lower():
+            if p.ndim < 2 or "emb" in pname.lower() or "bias" in pname.lower():
                 no_decay_ids.add(id(p))
     lr_scale = dict(lr_scale or {})
     buckets: dict[tuple[bool, float], list] = {}
