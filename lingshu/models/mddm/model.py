@@ -92,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
     # fine-tuning: the share of cells masked whole (t = 1; see mask_tokens); ours (the paper
     # draws every t from U(0, 1)): with a few genes visible a cell's type shows in them, so the
     # condition tokens are needed, and learnt, mostly where nothing is visible (measured: no
-    # gain at the CPU budget; README, "Tried and rejected this round")
+    # gain at the CPU budget; README, "Tried and rejected in the previous release")
     "full_mask_share": 0.0,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
