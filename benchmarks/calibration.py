@@ -29,20 +29,15 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from lingshu.constants import CONTROL
-from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.normalize import dense64, log1p_cp10k
 from lingshu.io import write_table
 from lingshu.models.harness import load_model
 from lingshu.models.mddm.model import draw_library, log_library_of_counts
 
 TIERS = (("low half", 0.0, 0.5), ("50-90%", 0.5, 0.9), ("top 10%", 0.9, 1.0))
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
 def sample_control_counts(model, context: str, n_cells: int, seed: int,
@@ -65,7 +60,7 @@ def sample_control_counts(model, context: str, n_cells: int, seed: int,
 
 def compare(real: np.ndarray, fake: np.ndarray, rng: np.random.Generator) -> dict:
     """The figures of the module docstring for real and sampled raw counts (cells x genes)."""
-    real_log, fake_log = _dense(log1p_cp10k(real)), _dense(log1p_cp10k(fake))
+    real_log, fake_log = dense64(log1p_cp10k(real)), dense64(log1p_cp10k(fake))
     resample = real_log[rng.integers(0, real.shape[0], fake.shape[0])]
     level = real_log.mean(0)
     error = fake_log.mean(0) - level
@@ -112,7 +107,7 @@ def main(argv=None) -> None:
             rows_ctx = ((obs["perturbation"] == CONTROL) & (obs["context"].astype(str) == ctx)).to_numpy()
             if not rows_ctx.any() or ctx not in model.contexts:
                 continue
-            real = _dense(processed[np.flatnonzero(rows_ctx)].X)
+            real = dense64(processed[np.flatnonzero(rows_ctx)].X)
             fake = sample_control_counts(model, ctx, args.cells, args.seed + i, real)
             rows.append({"dataset": ds, "context": ctx,
                          **compare(real, fake, np.random.default_rng([args.seed, i]))})

@@ -37,17 +37,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from lingshu.constants import CONTROL
-from lingshu.data.normalize import log1p_cp10k
+from lingshu.data.normalize import dense64, log1p_cp10k
 from lingshu.evaluate import sampler_gene_error
 from lingshu.io import write_table
 from lingshu.tokens import dequantize_tokens, quantize_counts
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
 def _mean_of(adata: ad.AnnData, x: np.ndarray, pert: str, ctx: str) -> np.ndarray:
@@ -58,7 +53,7 @@ def _mean_of(adata: ad.AnnData, x: np.ndarray, pert: str, ctx: str) -> np.ndarra
 def split_mae(truth: ad.AnnData, pred: ad.AnnData, top: float) -> dict[str, float]:
     """Averages over the prediction's conditions of MAE, MAE on the ``top`` share of most
     changed genes, MAE on the rest and the signed error."""
-    t, p = _dense(truth.X), _dense(pred.X)
+    t, p = dense64(truth.X), dense64(pred.X)
     out = []
     for (pert, ctx), _ in pred.obs.groupby(["perturbation", "context"], observed=True):
         true = _mean_of(truth, t, pert, ctx)
@@ -77,14 +72,14 @@ def control_centroids(processed: ad.AnnData) -> tuple[list[str], np.ndarray]:
     obs = processed.obs
     contexts = sorted(map(str, obs["context"].unique()))
     rows = (obs["perturbation"] == CONTROL).to_numpy()
-    x = _dense(log1p_cp10k(processed[rows].X))
+    x = dense64(log1p_cp10k(processed[rows].X))
     ctx = obs["context"].astype(str).to_numpy()[rows]
     return contexts, np.stack([x[ctx == c].mean(0) for c in contexts])
 
 
 def own_context_share(cells: ad.AnnData, contexts: list[str], centroids: np.ndarray) -> float:
     """The share of ``cells`` nearest to their own context's centroid, averaged over contexts."""
-    x, shares = _dense(cells.X), []
+    x, shares = dense64(cells.X), []
     for ctx, rows in cells.obs.groupby("context", observed=True).indices.items():
         d = ((x[rows, None, :] - centroids[None]) ** 2).sum(-1)
         shares.append(np.mean(np.asarray(contexts)[d.argmin(1)] == str(ctx)))
@@ -95,7 +90,7 @@ def own_noise(truth: ad.AnnData, conditions: pd.DataFrame, top: float) -> dict:
     """What a perfect sampler pays: each gene's expected error of a sample the truth's size
     against the truth (:func:`sampler_gene_error`, as the data ceiling's MAE), split as
     :func:`split_mae` splits a model's, averaged over conditions."""
-    t, out = _dense(truth.X), []
+    t, out = dense64(truth.X), []
     for pert, ctx in conditions.itertuples(index=False):
         rows = np.flatnonzero(((truth.obs["perturbation"] == pert)
                                & (truth.obs["context"] == ctx)).to_numpy())
@@ -111,12 +106,12 @@ def quantiser_cost(processed: ad.AnnData, truth: ad.AnnData, conditions: pd.Data
     """The MAE between each condition's true cells in log1p(CP10k) of their counts and the
     same counts after :func:`quantize_counts` and :func:`dequantize_tokens` (bin centres), split
     as :func:`split_mae` splits a model's, averaged over conditions."""
-    t, out = _dense(truth.X), []
+    t, out = dense64(truth.X), []
     for pert, ctx in conditions.itertuples(index=False):
         rows = ((truth.obs["perturbation"] == pert) & (truth.obs["context"] == ctx)).to_numpy()
-        counts = _dense(processed[truth.obs_names[rows]].X).astype(np.int64)
-        exact = _dense(log1p_cp10k(counts)).mean(0)
-        tokens = _dense(log1p_cp10k(dequantize_tokens(quantize_counts(counts)))).mean(0)
+        counts = dense64(processed[truth.obs_names[rows]].X).astype(np.int64)
+        exact = dense64(log1p_cp10k(counts)).mean(0)
+        tokens = dense64(log1p_cp10k(dequantize_tokens(quantize_counts(counts)))).mean(0)
         change = np.abs(t[rows].mean(0) - _mean_of(truth, t, "control", ctx))
         changed = change >= np.quantile(change, 1 - top)
         err = np.abs(tokens - exact)

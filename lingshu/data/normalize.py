@@ -8,6 +8,11 @@ import scipy.sparse as sp
 from lingshu.constants import TARGET_SUM
 
 
+def dense64(x) -> np.ndarray:
+    """``x`` (sparse or dense) as a dense float64 array (a copy only when needed)."""
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
 def log1p_cp10k(counts, target_sum: float = TARGET_SUM) -> sp.csr_matrix | np.ndarray:
     """Return log1p(counts / library_size * target_sum) as float32, keeping sparsity.
 

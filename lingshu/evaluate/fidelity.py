@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from lingshu.constants import CONTEXT_COL, CONTROL, PERT_COL
+from lingshu.data.normalize import dense64
 
 # Metric -> (title, True when higher is better): the columns of the paper's Table 1 layout.
 FIDELITY_METRICS = {
@@ -33,11 +34,6 @@ MMD_BLOCK = 1024  # rows of one kernel block in mmd: a block is MMD_BLOCK x n_ot
 IS_REAL_CONTROL = "is_real_control"
 CONDITION_COLUMNS = [CONTEXT_COL, PERT_COL, "n_truth", "n_pred", "pearson_mean", "mmd",
                      "wasserstein"]
-
-
-def _dense(x) -> np.ndarray:
-    """``x`` as a dense float64 array (a copy only when needed)."""
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
 def _check_pair(real, generated) -> None:
@@ -97,7 +93,7 @@ def joint_pca(real, generated, n_components: int = 50,
     from sklearn.decomposition import PCA
 
     _check_pair(real, generated)
-    z = np.vstack([_dense(real), _dense(generated)])
+    z = np.vstack([dense64(real), dense64(generated)])
     k = max(1, min(int(n_components), z.shape[0] - 1, z.shape[1]))
     scores = PCA(n_components=k, random_state=seed).fit_transform(z)
     n_real = real.shape[0]
@@ -197,8 +193,8 @@ def wasserstein_per_gene(real, generated) -> float:
     generated = sp.csc_matrix(generated) if sp.issparse(generated) else np.asarray(generated)
     total, n_genes = 0.0, real.shape[1]
     for start in range(0, n_genes, GENE_CHUNK):
-        a = _dense(real[:, start:start + GENE_CHUNK])
-        b = _dense(generated[:, start:start + GENE_CHUNK])
+        a = dense64(real[:, start:start + GENE_CHUNK])
+        b = dense64(generated[:, start:start + GENE_CHUNK])
         total += sum(stats.wasserstein_distance(a[:, j], b[:, j]) for j in range(a.shape[1]))
     return float(total / n_genes)
 
@@ -247,7 +243,7 @@ def celltype_classifier(train_X, train_labels, seed: int = 0):
     k = max(1, min(50, train_X.shape[0] - 1, train_X.shape[1]))
     clf = make_pipeline(PCA(n_components=k, random_state=seed),
                         LogisticRegression(max_iter=2000, random_state=seed))
-    return clf.fit(_dense(train_X), labels)
+    return clf.fit(dense64(train_X), labels)
 
 
 def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X,
@@ -300,9 +296,9 @@ def celltype_proportions(train_X, train_labels, real_X, real_labels, generated_X
         accuracy = float(np.mean(real_labels == train_classes[0]))
     else:
         clf = celltype_classifier(train_X, train_labels, seed)
-        real_predicted = clf.predict(_dense(real_X)).astype(str)
+        real_predicted = clf.predict(dense64(real_X)).astype(str)
         accuracy = float(np.mean(real_predicted == real_labels))
-        predicted = clf.predict(_dense(generated_X)).astype(str)
+        predicted = clf.predict(dense64(generated_X)).astype(str)
 
     def shares(labels: np.ndarray) -> dict[str, float]:
         return {c: float(np.mean(labels == c)) if labels.size else 0.0 for c in classes}

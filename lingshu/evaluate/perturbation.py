@@ -29,6 +29,7 @@ from scipy.stats import ConstantInputWarning, rankdata, spearmanr
 from tqdm.auto import tqdm
 
 from lingshu.constants import CONTEXT_COL, CONTROL, NOT_ENCODED, PERT_COL
+from lingshu.data.normalize import dense64
 from lingshu.errors import input_error
 from lingshu.io import write_json, write_table
 
@@ -417,7 +418,7 @@ def sampler_mae_floor(truth: ad.AnnData) -> float:
         if len(idx) < 2:
             continue
         x = truth.X[positions[idx]]
-        rows.append((ctx, float(sampler_gene_error(x.toarray() if sp.issparse(x) else x).mean())))
+        rows.append((ctx, float(sampler_gene_error(dense64(x)).mean())))
     if not rows:
         return float("nan")
     table = pd.DataFrame(rows, columns=[CONTEXT_COL, "floor"])

@@ -201,7 +201,7 @@ def sampling_bar(steps: int, n_batches: int, desc: str = "sampling", disable: bo
 
 def _unmask_step(model_fn: ModelFn, x: torch.Tensor, s: int, steps: int, n_free: torch.Tensor,
                  generator: torch.Generator, cond: Any, uncond: Any, guidance: float,
-                 select: bool, stratified: bool = False) -> None:
+                 select: bool, stratified: bool) -> None:
     """Step ``s`` of :func:`sample`, on ``x`` in place."""
     n_cells, n_genes = x.shape
     device = x.device

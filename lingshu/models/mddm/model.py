@@ -660,7 +660,7 @@ class LingshuCell(PerturbationModel):
                 library[start:start + n], dtype=torch.float32, device=self.device)}
             tok = sample(model_fn, n, len(self.genes), int(self.cfg["sample_steps"]), gen,
                          cond={**cond, **size}, uncond={**uncond, **size}, guidance=guidance,
-                         select=True, progress=progress, stratified=bool(self.cfg["stratified"]),
+                         select=True, progress=progress, stratified=self.cfg["stratified"],
                          **fixed)
             blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks)
@@ -707,7 +707,7 @@ class LingshuCell(PerturbationModel):
                 with torch.no_grad():
                     tok = sample(model_fn, n, len(self.genes), steps, gen, cond=size,
                                  select=True, progress=bar if progress else False,
-                                 stratified=bool(self.cfg["stratified"]))
+                                 stratified=self.cfg["stratified"])
                 blocks.append(np.asarray(dequantize_tokens(tok.cpu().numpy()), dtype=np.float32))
         return np.vstack(blocks) if blocks else np.zeros((0, len(self.genes)), np.float32)
 
