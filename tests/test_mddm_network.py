@@ -176,6 +176,38 @@ def test_selected_logits_equal_the_full_logits_at_those_genes():
         torch.testing.assert_close(part, full[select], rtol=1e-5, atol=1e-5)
 
 
+def test_selected_logits_backward_is_the_same_on_every_run_with_several_threads():
+    """The select path's gathers (hidden states, head bias, cond_head and gene_head rows) go
+    through index_select, whose backward adds in a fixed order: two identical training steps
+    give bit-identical gradients with 2 threads (an indexed gather's backward, a scatter-add
+    split over threads, differed in the last bits from run to run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        net = LingshuNetwork(config_from_preset("tiny", 600, n_contexts=3, n_perturbations=5,
+                                                cond_head_rank=2, gene_head_rank=2)).train()
+        with torch.no_grad():  # the zero-started readouts given weight, so their gradients vary
+            net.cond_head_up.normal_()
+            net.gene_head_up.normal_()
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, MASK_TOKEN + 1, (64, 600), generator=gen)
+        select = torch.rand(64, 600, generator=gen) < 0.5
+        target = torch.randint(0, N_EXPR_TOKENS, (int(select.sum()),), generator=gen)
+        cond = {"context": torch.randint(0, 3, (64,), generator=gen),
+                "perturbation": torch.randint(0, 5, (64,), generator=gen)}
+        grads = []
+        for _ in range(3):
+            net.zero_grad()
+            F.cross_entropy(net(tokens, select=select, **cond), target).backward()
+            grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        for other in grads[1:]:
+            for name, grad in grads[0].items():
+                assert torch.equal(grad, other[name]), name
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("broadcast", [False, True])
 def test_cond_broadcast_lets_gene_groups_see_the_condition_without_attention(broadcast):
     """With attention's output zeroed, gene groups can read the condition tokens only when

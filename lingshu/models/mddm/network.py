@@ -365,7 +365,7 @@ class LingshuNetwork(nn.Module):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             if hi > lo:
                 full = (z[start:start + block].to(up.dtype) @ flat).view(-1, V)  # (b * G, 281)
-                out.append(full[(cells[lo:hi] - start) * G + genes[lo:hi]])
+                out.append(full.index_select(0, (cells[lo:hi] - start) * G + genes[lo:hi]))
         return torch.cat(out) if out else z.new_zeros(0, V)
 
     def _head_shift(self, cond: torch.Tensor, tokens: torch.Tensor, cells: torch.Tensor | None = None,
@@ -437,13 +437,13 @@ class LingshuNetwork(nn.Module):
         x = self.expand(x)  # (B, G/S, S*D)
         if select is not None:
             b, g = select.nonzero(as_tuple=True)  # (K,) cells and genes, row-major
-            x = x.reshape(B, -1, cfg.d_model)  # (B, G_pad, D) in permuted gene order
-            h = x[b, self.gene_perm_inv[g]]  # (K, D)
-            logits = self.head(h) + self.head_bias[g]  # (K, 281)
+            x = x.reshape(-1, cfg.d_model)  # (B * G_pad, D) in permuted gene order
+            h = x.index_select(0, b * cfg.n_padded + self.gene_perm_inv[g])  # (K, D)
+            logits = self.head(h) + self.head_bias.index_select(0, g)  # (K, 281)
             if cfg.gene_head_rank:
                 z = self.gene_head_down(h)  # (K, r)
                 for i in range(cfg.gene_head_rank):  # one (K, 281) gather at a time
-                    logits = logits + z[:, i : i + 1] * self.gene_head_up[i, g]
+                    logits = logits + z[:, i : i + 1] * self.gene_head_up[i].index_select(0, g)
             return logits if head_cond is None else logits + self._head_shift(head_cond, tokens, b, g)
         x = ungroup_genes(x, self.gene_perm_inv, cfg.group_size)  # (B, G, D)
         logits = self.head(x) + self.head_bias  # (B, G, 281)
