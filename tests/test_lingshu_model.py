@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from lingshu.data.split import make_split
 from lingshu.data.features import compute_features
@@ -380,3 +381,25 @@ def test_network_switches_must_be_true_or_false(key):
 def test_full_mask_share_must_lie_in_zero_one(share):
     with pytest.raises(InputError, match="models.lingshu.full_mask_share"):
         build_model("lingshu", {**TINY, "full_mask_share": share})
+
+
+def test_recalibration_refits_the_head_bias_alone(fitted, tmp_path):
+    """``calibrate_steps``: after fine-tuning, only the per-gene head bias moves (the same
+    fine-tuning as without it), toward the training cells' token frequencies."""
+    adata, split, model, work = fitted
+    features = compute_features(adata, split, ENTRY, n_components=4, seed=0)
+    cal = build_model("lingshu", {**TINY, "calibrate_steps": 30})
+    data = training_data(adata, split, features, seed=0, entry=ENTRY, workdir=str(tmp_path))
+    cal.fit(data, init=work / "pretrain.pt")
+    before, after = model.net.state_dict(), cal.net.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        if key == "head_bias":
+            assert not torch.equal(before[key], after[key])
+        else:
+            torch.testing.assert_close(before[key], after[key], rtol=0, atol=0, msg=key)
+    cal.save(tmp_path / "model.npz")
+    torch.testing.assert_close(load_model(str(tmp_path / "model.npz")).net.head_bias,
+                               cal.net.head_bias, rtol=0, atol=0)
+    with pytest.raises(InputError, match="models.lingshu.calibrate_steps"):
+        build_model("lingshu", {**TINY, "calibrate_steps": -1})

@@ -43,6 +43,7 @@ from lingshu.models.base import (
     data_fingerprint,
     is_main_process,
 )
+from lingshu.models.mddm.calibrate import recalibrate_head_bias
 from lingshu.models.mddm.diagnostics import (
     HeldOutDiagnostics,
     diagnostics_table,
@@ -94,6 +95,9 @@ DEFAULTS: dict[str, Any] = {
     # condition tokens are needed, and learnt, mostly where nothing is visible (measured: no
     # gain at the CPU budget; README, "Tried and rejected in the previous release")
     "full_mask_share": 0.0,
+    # fine-tuning: after the last step, refit the head's per-gene bias alone for this many
+    # steps, the network frozen (lingshu.models.mddm.calibrate); ours, 0 (off) by default
+    "calibrate_steps": 0,
     "unconditional_steps": 256,  # SPEC 1.4: N for unconditional generation (no guidance)
     "prior_injection": False,  # SPEC 1.4: a condition's prior genes start at count 1, fixed
     # each token drawn at a uniform stratified across the batch's cells (diffusion.sample's
@@ -257,6 +261,13 @@ def held_out_diagnostics(data: TrainingData, tokens: TokenStore, n_cells: int,
                               train_blocks, seed=seed)
 
 
+def _mean_tenth(values: list[float], end: int) -> float:
+    """The mean of the first (``end`` 0) or last (``end`` -1) tenth of ``values``."""
+    n = max(1, len(values) // 10)
+    part = values[:n] if end == 0 else values[-n:]
+    return float(np.mean(part))
+
+
 def monitor_steps(steps: int) -> tuple[int, ...]:
     """The steps at which a run of ``steps`` steps is diagnosed."""
     return tuple(sorted({max(1, round(steps * k / MONITOR_POINTS))
@@ -332,7 +343,7 @@ class LingshuCell(PerturbationModel):
 
     def _check_options(self) -> None:
         """The options the generic number check does not cover (``cond_lr_scale``,
-        ``full_mask_share``, the network overrides' names and switches and ranks), checked
+        ``full_mask_share``, ``calibrate_steps``, the network overrides' names and switches and ranks), checked
         before any work, each error naming the field and the fix."""
         scale = self.cfg["cond_lr_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
@@ -346,6 +357,11 @@ class LingshuCell(PerturbationModel):
                               f"{share!r} is not in [0, 1)",
                               "give the share of fine-tuning cells masked whole, e.g. 0.25 "
                               "(0: the paper's mask rates)")
+        if self.cfg["calibrate_steps"] < 0:
+            raise input_error("config", "models.lingshu.calibrate_steps",
+                              f"{self.cfg['calibrate_steps']!r} is negative",
+                              "give 0 (off, the paper's training) or a number of steps, e.g. "
+                              "300 (the default config)")
         network = self.cfg["network"] or {}
         known = {f.name for f in fields(NetworkConfig)} - {"n_genes", "n_contexts",
                                                             "n_perturbations", "seed"}
@@ -571,6 +587,18 @@ class LingshuCell(PerturbationModel):
         log.info("fine-tuned %d steps at %.1f cells/s", len(result.losses),
                  result.cells_per_second)
         net.load_state_dict(ema_weights(load_checkpoint(workdir / "finetune_state.pt")))
+        cal_steps = int(self.cfg["calibrate_steps"])
+        if cal_steps:
+            before = monitor(net, steps) if diag is not None else None
+            losses = recalibrate_head_bias(
+                net, loss_fn, sample_batch, cal_steps,
+                int(self.cfg["micro_batch_size"] or self.cfg["batch_size"]), data.seed + 2,
+                progress=True)
+            after = monitor(net, steps) if diag is not None else None
+            log.info("recalibrated the head bias: %d steps, loss %.4f -> %.4f (mean of the first "
+                     "and last tenth)%s", cal_steps, _mean_tenth(losses, 0), _mean_tenth(losses, -1),
+                     "" if before is None else "; held-out bits " + ", ".join(
+                         f"{k.split('@')[1]}: {before[k]:.4f} -> {after[k]:.4f}" for k in before))
         self.net = net.eval()
 
     def _pert_index(self, label: str) -> int:

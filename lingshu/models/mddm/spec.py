@@ -16,6 +16,6 @@ SPECS = (
                                  "unconditional_steps", "prior_injection", "stratified"}),
         generation_keys=frozenset({"unconditional_steps", "sample_batch", "stratified"}),
         fit_keys=frozenset({"finetune_steps", "identity_dropout", "cond_lr_scale",
-                             "full_mask_share"}),
+                             "full_mask_share", "calibrate_steps"}),
     ),
 )
