@@ -8,7 +8,9 @@ it to its optimum, where each gene's predicted token distribution, averaged over
 cells and mask rates, matches the data's (the gradient of the bias is the average of
 predicted minus observed probabilities). Jointly trained at the CPU budget, the bias is not
 there: the fine-tuned network gives the most expressed genes too many zeros at every mask
-rate (README, "Recalibrated head bias").
+rate, and refit it leaves them fewer (README, "A recalibrated head bias": it fixes the
+control condition's most expressed genes on four datasets, but held-out prediction only on
+one, so it is off by default).
 
 The optimiser is Adam at ``lr`` on a cosine schedule down to zero, so the last steps average
 the batches' noise away. The network's weights are left as they were except ``head_bias``.

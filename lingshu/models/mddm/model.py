@@ -343,8 +343,8 @@ class LingshuCell(PerturbationModel):
 
     def _check_options(self) -> None:
         """The options the generic number check does not cover (``cond_lr_scale``,
-        ``full_mask_share``, ``calibrate_steps``, the network overrides' names and switches and ranks), checked
-        before any work, each error naming the field and the fix."""
+        ``full_mask_share``, ``calibrate_steps``, the network overrides' names and switches and
+        ranks), checked before any work, each error naming the field and the fix."""
         scale = self.cfg["cond_lr_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise input_error("config", "models.lingshu.cond_lr_scale",
@@ -361,7 +361,7 @@ class LingshuCell(PerturbationModel):
             raise input_error("config", "models.lingshu.calibrate_steps",
                               f"{self.cfg['calibrate_steps']!r} is negative",
                               "give 0 (off, the paper's training) or a number of steps, e.g. "
-                              "300 (the default config)")
+                              "300 (README, \"A recalibrated head bias\")")
         network = self.cfg["network"] or {}
         known = {f.name for f in fields(NetworkConfig)} - {"n_genes", "n_contexts",
                                                             "n_perturbations", "seed"}
@@ -593,7 +593,7 @@ class LingshuCell(PerturbationModel):
             losses = recalibrate_head_bias(
                 net, loss_fn, sample_batch, cal_steps,
                 int(self.cfg["micro_batch_size"] or self.cfg["batch_size"]), data.seed + 2,
-                progress=True)
+                progress=is_main_process())
             after = monitor(net, steps) if diag is not None else None
             log.info("recalibrated the head bias: %d steps, loss %.4f -> %.4f (mean of the first "
                      "and last tenth)%s", cal_steps, _mean_tenth(losses, 0), _mean_tenth(losses, -1),
