@@ -18,11 +18,16 @@ the batches' noise away. The network's weights are left as they were except ``he
 
 from __future__ import annotations
 
-import math
+import logging
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
+
+from lingshu.models.training.config import TrainConfig, lr_at
+
+log = logging.getLogger(__name__)
 
 
 def recalibrate_head_bias(net: nn.Module, loss_fn: Callable[[Callable, Any, torch.Generator], torch.Tensor],
@@ -43,8 +48,7 @@ def recalibrate_head_bias(net: nn.Module, loss_fn: Callable[[Callable, Any, torc
     bias = net.head_bias
     delta = torch.zeros_like(bias, requires_grad=True)  # the change, (G, 281)
     opt = torch.optim.Adam([delta], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = TrainConfig(steps=steps, lr=lr, min_lr=0.0, warmup_steps=0)  # cosine to zero
     gen = torch.Generator(device=bias.device).manual_seed(int(seed))
     was_training = net.training
     net.eval()
@@ -64,12 +68,13 @@ def recalibrate_head_bias(net: nn.Module, loss_fn: Callable[[Callable, Any, torc
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="recalibrate head bias", unit="step")
     try:
-        for _ in range(steps):
+        for step in range(steps):
             loss = loss_fn(model_fn, sample_batch(batch_size, gen), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, schedule)
             opt.step()
-            sched.step()
             losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
@@ -79,4 +84,7 @@ def recalibrate_head_bias(net: nn.Module, loss_fn: Callable[[Callable, Any, torc
     with torch.no_grad():
         bias.add_(delta.to(bias.dtype))
     net.train(was_training)
+    tenth = max(1, steps // 10)
+    log.info("recalibrated the head bias: %d steps, loss %.4f -> %.4f (means of the first and "
+             "last tenth)", steps, np.mean(losses[:tenth]), np.mean(losses[-tenth:]))
     return losses

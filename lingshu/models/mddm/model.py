@@ -261,13 +261,6 @@ def held_out_diagnostics(data: TrainingData, tokens: TokenStore, n_cells: int,
                               train_blocks, seed=seed)
 
 
-def _mean_tenth(values: list[float], end: int) -> float:
-    """The mean of the first (``end`` 0) or last (``end`` -1) tenth of ``values``."""
-    n = max(1, len(values) // 10)
-    part = values[:n] if end == 0 else values[-n:]
-    return float(np.mean(part))
-
-
 def monitor_steps(steps: int) -> tuple[int, ...]:
     """The steps at which a run of ``steps`` steps is diagnosed."""
     return tuple(sorted({max(1, round(steps * k / MONITOR_POINTS))
@@ -590,15 +583,14 @@ class LingshuCell(PerturbationModel):
         cal_steps = int(self.cfg["calibrate_steps"])
         if cal_steps:
             before = monitor(net, steps) if diag is not None else None
-            losses = recalibrate_head_bias(
+            recalibrate_head_bias(
                 net, loss_fn, sample_batch, cal_steps,
                 int(self.cfg["micro_batch_size"] or self.cfg["batch_size"]), data.seed + 2,
                 progress=is_main_process())
-            after = monitor(net, steps) if diag is not None else None
-            log.info("recalibrated the head bias: %d steps, loss %.4f -> %.4f (mean of the first "
-                     "and last tenth)%s", cal_steps, _mean_tenth(losses, 0), _mean_tenth(losses, -1),
-                     "" if before is None else "; held-out bits " + ", ".join(
-                         f"{k.split('@')[1]}: {before[k]:.4f} -> {after[k]:.4f}" for k in before))
+            if before is not None:
+                after = monitor(net, steps)
+                log.info("held-out bits before -> after the recalibration: %s", ", ".join(
+                    f"t={k.split('@')[1]} {before[k]:.4f} -> {after[k]:.4f}" for k in before))
         self.net = net.eval()
 
     def _pert_index(self, label: str) -> int:
