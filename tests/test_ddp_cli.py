@@ -44,7 +44,10 @@ def inputs(tmp_path_factory):
 
 
 def _torchrun(command: str, root: Path, out: Path, *extra: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    # torchrun leaves a torchelastic_* folder in the temporary directory: keep it in the test's
+    tmp = root / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
