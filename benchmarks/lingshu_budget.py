@@ -8,6 +8,10 @@
     # a rival at a Lingshu-Cell budget's CPU-seconds (any registered model's block)
     python benchmarks/lingshu_budget.py study --model state --results results \\
         --datasets sim_stimulation --variant x6:steps=2400 --out benchmarks/out/state
+    # the spread over fine-tuning seeds, from the pipeline run's own pre-training
+    python benchmarks/lingshu_budget.py study --configfile config/shared_data.yaml \\
+        --results results_shared --datasets papalexi --stages fit,predict --pretrained \\
+        --seeds 0 1 2 3 4 --out benchmarks/out/seeds
     # one table and figure from several study runs
     python benchmarks/lingshu_budget.py merge benchmarks/out/*/budget.tsv --out benchmarks/out/all
     # seconds per training and sampling step at 1,000 / 7,000 / 18,080 genes
@@ -29,9 +33,20 @@ pre-training, unconditional generation). It prints, and writes to ``--out/budget
 - prediction on the held-out conditions: Pearson-delta, DES, MAE (cell-eval, as the pipeline);
 - the CPU-seconds of each stage;
 
-and beside them the pipeline run's own rows for scLDM and STATE (their metrics and CPU-seconds
-from the run's tables and Snakemake benchmark files), and one figure, ``--out/budget.png``:
-each quality against CPU-seconds. ``--stages`` limits what runs (e.g. ``pretrain,generate``).
+and beside them the pipeline run's own rows for scLDM, STATE and the mean baselines
+(``control_mean``, ``perturbation_mean``: their metrics and CPU-seconds from the run's tables
+and Snakemake benchmark files), and one figure, ``--out/budget.png``: each quality against
+CPU-seconds. ``--stages`` limits what runs (e.g. ``pretrain,generate``); with ``--pretrained``,
+a study that does not pre-train fine-tunes from the pipeline run's pre-trained checkpoint
+(``<results>/<dataset>/models/<model>/pretrain.pt``).
+
+``--seeds`` runs every variant once per seed (each in ``<variant>/seed<k>``; the seed drives
+the training, the sampling and the evaluation, not the pipeline run's pre-training). The
+spread over seeds goes to ``--out/spread.tsv`` (per dataset, variant and metric: seeds, mean,
+standard deviation, range, and at how many seeds the variant does better than each of the
+pipeline run's rows) and ``--out/spread.png`` (each seed's Pearson-delta, DES and MAE beside the
+pipeline run's rows), since one seed's figures on a small dataset can sit on either side of a
+baseline's (:func:`spread`).
 
 ``genes`` times one training step (64 cells), 3-step guided sampling (256 cells) and one
 unconditional unmasking step (256 cells; the mean over an 8-step run: each step is one
@@ -62,6 +77,9 @@ import yaml
 from lingshu.io import write_table
 
 ROOT = Path(__file__).resolve().parent.parent
+# the pipeline run's rows beside a study's: the rivals at matched CPU-seconds, and the two
+# baselines that the VCC scores are scaled against (MAE: control_mean, DES: perturbation_mean)
+RIVALS = ("scldm", "state", "control_mean", "perturbation_mean")
 QUALITY = [("mmd", "MMD", False), ("celltype_tvd", "cell-type TVD", False),
            ("pearson_mean", "gene-mean Pearson", True), ("pearson_delta", "Pearson-delta", True),
            ("des", "DES", True), ("mae", "MAE", False)]
@@ -146,25 +164,28 @@ def study(args) -> None:
     stages = set(args.stages.split(","))
     # the checkpoint a generating model samples from, and the stage that writes it
     gen_after = spec.generates_from if "generate" in stages else None
+    seeds = list(dict.fromkeys(args.seeds if args.seeds else [args.seed]))
     rows = []
     for ds in args.datasets:
         res = Path(args.results) / ds
         base = model_block(config, model, ds)
         entry = entry_json(config, ds)
         common = ["--processed", str(res / "processed.h5ad"), "--split", str(res / "split")]
-        for text in args.variant:
+        for text, run_seed in ((t, k) for t in args.variant for k in seeds):
             name, over = parse_variant(text)
             params = {**base, **over}
             work = out / ds / (name if model == "lingshu" else f"{model}-{name}")
+            if len(seeds) > 1:
+                work = work / f"seed{run_seed}"
             work.mkdir(parents=True, exist_ok=True)
-            print(f"{ds} / {model} / {name}: {over}", flush=True)
-            row: dict = {"dataset": ds, "model": model, "variant": name,
+            print(f"{ds} / {model} / {name} / seed {run_seed}: {over}", flush=True)
+            row: dict = {"dataset": ds, "model": model, "variant": name, "seed": run_seed,
                          **{k: json.dumps(v) for k, v in over.items()}}
             train_params = spec.training_params(params)
             sampling = spec.sampling_params(params)
             threads = str(args.threads)
             tok = ["--tokens", str(res / "tokens")] if spec.tokens else []
-            seed = ["--seed", str(args.seed)]
+            seed = ["--seed", str(run_seed)]
 
             def generate(checkpoint: Path) -> None:
                 gen_params = {k: v for k, v in sampling.items() if k in spec.generation_keys}
@@ -191,7 +212,9 @@ def study(args) -> None:
             if gen_after == "pretrain":
                 generate(work / "pretrain.pt")
             if "fit" in stages:
-                init = ["--init", str(work / "pretrain.pt")] if spec.pretrains else []
+                init = []
+                if spec.pretrains:
+                    init = ["--init", str(checkpoint(work, res, model, stages, args.pretrained))]
                 row["cpu_fit"] = run_stage("fit", [
                     "fit", *common, "--features", str(res / "features.tsv"), "--model", model,
                     "--params", json.dumps(train_params), "--entry", entry, *seed,
@@ -224,6 +247,107 @@ def study(args) -> None:
         print(table.round(4).to_string(index=False))
     plot(table, out / "budget.png")
     print(f"wrote {out / 'budget.tsv'} and {out / 'budget.png'}")
+    if len(seeds) > 1:
+        write_spread(table, out)
+
+
+PREDICTION = [q for q in QUALITY if q[0] in ("pearson_delta", "des", "mae")]
+
+
+def spread(table: pd.DataFrame) -> pd.DataFrame:
+    """The spread over seeds of each studied (dataset, model, variant): per prediction metric,
+    the number of seeds, mean, standard deviation (ddof 1), min and max, and for each of the
+    pipeline run's rows of that dataset (variant ``[<model>]``) at how many seeds the variant
+    does better (``better_than``, e.g. ``control_mean 4/5; state 5/5``: strictly lower MAE,
+    strictly higher Pearson-delta or DES)."""
+    rival = table["variant"].astype(str).str.startswith("[")
+    studied, refs = table[~rival], table[rival]
+    rows = []
+    for (ds, model, variant), sub in studied.groupby(["dataset", "model", "variant"], sort=False):
+        for key, _, higher in PREDICTION:
+            if key not in sub or sub[key].isna().all():
+                continue
+            v = sub[key].dropna().to_numpy(dtype=float)
+            better = []
+            for _, r in refs[refs["dataset"] == ds].dropna(subset=[key]).iterrows():
+                wins = int(((v > r[key]) if higher else (v < r[key])).sum())
+                better.append(f"{r['model']} {wins}/{len(v)}")
+            rows.append({"dataset": ds, "model": model, "variant": variant, "metric": key,
+                         "seeds": len(v), "mean": v.mean(),
+                         "sd": v.std(ddof=1) if len(v) > 1 else float("nan"),
+                         "min": v.min(), "max": v.max(), "better_than": "; ".join(better)})
+    return pd.DataFrame(rows, columns=["dataset", "model", "variant", "metric", "seeds", "mean",
+                                       "sd", "min", "max", "better_than"])
+
+
+def write_spread(table: pd.DataFrame, out: Path) -> None:
+    """Print the spread over seeds and write ``spread.tsv`` and ``spread.png``."""
+    result = spread(table)
+    write_table(result, out / "spread.tsv")
+    with pd.option_context("display.width", 250, "display.max_columns", 20,
+                           "display.max_colwidth", 120):
+        print(result.round(4).to_string(index=False))
+    plot_spread(table, out / "spread.png")
+    print(f"wrote {out / 'spread.tsv'} and {out / 'spread.png'}")
+
+
+def plot_spread(table: pd.DataFrame, path: Path) -> None:
+    """A panel per dataset (rows) and prediction metric (columns), each on its own scale: every
+    studied variant's seeds as points with their mean as a bar, the pipeline run's rows as
+    labelled dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(table["dataset"]))
+    rival = table["variant"].astype(str).str.startswith("[")
+    groups = list(dict.fromkeys(zip(table.loc[~rival, "model"], table.loc[~rival, "variant"])))
+    colors = dict(zip(groups, plt.cm.tab10.colors))
+    ref_colors = dict(zip(RIVALS, ["0.55", "0.3", "tab:red", "tab:purple"]))
+    fig, axes = plt.subplots(len(datasets), len(PREDICTION), squeeze=False,
+                             figsize=(3.6 * len(PREDICTION), 2.4 * len(datasets)))
+    for row, ds in enumerate(datasets):
+        sub = table[table["dataset"] == ds]
+        for ax, (key, title, higher) in zip(axes[row], PREDICTION):
+            ax.set_title(f"{ds}: {title} ({'higher' if higher else 'lower'} is better)",
+                         fontsize=7)
+            if key not in sub:
+                continue
+            for j, g in enumerate(groups):
+                pts = sub[(sub["model"] == g[0]) & (sub["variant"] == g[1])][key].dropna()
+                ax.plot(np.full(len(pts), j), pts, "o", ms=3, color=colors[g], alpha=0.8)
+                if len(pts):
+                    ax.plot([j - 0.25, j + 0.25], [pts.mean()] * 2, color=colors[g])
+            for _, r in sub[rival.loc[sub.index]].dropna(subset=[key]).iterrows():
+                ax.axhline(r[key], ls="--", lw=0.8, color=ref_colors.get(r["model"], "0.5"))
+                ax.annotate(r["model"], (0.01, r[key]), xycoords=("axes fraction", "data"),
+                            fontsize=6, va="bottom", ha="left",
+                            color=ref_colors.get(r["model"], "0.5"))
+            ax.set_xlim(-0.6, len(groups) - 0.4)
+            ax.set_xticks(range(len(groups)), [f"{m} {v}" if m != "lingshu" else v
+                                               for m, v in groups], fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def checkpoint(work: Path, res: Path, model: str, stages: set[str], pretrained: bool) -> Path:
+    """The pre-trained checkpoint a fit starts from: the study's own (``work/pretrain.pt``),
+    or with ``pretrained`` and no pre-training stage, the pipeline run's."""
+    own = work / "pretrain.pt"
+    if "pretrain" in stages or not pretrained:
+        if "pretrain" not in stages and not own.exists():
+            raise SystemExit(f"{own} does not exist: add pretrain to --stages, or pass "
+                             f"--pretrained to fine-tune from the pipeline run's checkpoint")
+        return own
+    path = res / "models" / model / "pretrain.pt"
+    if not path.exists():
+        raise SystemExit(f"--pretrained: {path} does not exist (the pipeline run in --results "
+                         f"has not pre-trained {model}); run the pipeline first or drop "
+                         f"--pretrained and add pretrain to --stages")
+    return path
 
 
 def _cpu_of(res: Path, jobs: list[str]) -> float:
@@ -235,11 +359,12 @@ def _cpu_of(res: Path, jobs: list[str]) -> float:
 
 
 def rivals(res: Path, ds: str) -> list[dict]:
-    """scLDM's and STATE's rows from the pipeline run: metrics and CPU-seconds."""
+    """The rows of scLDM, STATE and the mean baselines from the pipeline run: metrics and
+    CPU-seconds (those the run has)."""
     out = []
     gen = res / "generation" / "table.tsv"
     gen_table = pd.read_csv(gen, sep="\t").set_index("model") if gen.exists() else None
-    for model in ("scldm", "state"):
+    for model in RIVALS:
         if not (res / "eval" / model / "summary.json").exists():
             continue
         row = {"dataset": ds, "model": model, "variant": f"[{model}]",
@@ -262,7 +387,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     datasets = list(dict.fromkeys(table["dataset"]))
     fig, axes = plt.subplots(1, len(QUALITY), figsize=(3.2 * len(QUALITY), 3.2))
     colors = dict(zip(datasets, plt.cm.tab10.colors))
-    marker = {"lingshu": "o", "state": "s", "scldm": "x"}
+    marker = {"lingshu": "o", "state": "s", "scldm": "x", "control_mean": "v",
+              "perturbation_mean": "D"}
     if "model" not in table:
         table = table.assign(model="lingshu")
     for ax, (key, title, higher) in zip(axes, QUALITY):
@@ -366,7 +492,8 @@ def merge(args) -> None:
     rival = table["variant"].str.startswith("[")
     named = table["variant"].str.strip("[]").where(rival, "lingshu")
     table["model"] = table["model"].fillna(named) if "model" in table else named
-    table = table.drop_duplicates(subset=["dataset", "model", "variant"], keep="first")
+    key = ["dataset", "model", "variant"] + (["seed"] if "seed" in table else [])
+    table = table.drop_duplicates(subset=key, keep="first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "budget.tsv")
@@ -376,6 +503,9 @@ def merge(args) -> None:
         print(table[[k for k in keep if k in table]].round(3).to_string(index=False))
     plot(table, out / "budget.png")
     print(f"wrote {out / 'budget.tsv'} and {out / 'budget.png'}")
+    studied = table[~table["variant"].astype(str).str.startswith("[")]
+    if "seed" in table and studied.groupby(["dataset", "model", "variant"]).size().max() > 1:
+        write_spread(table, out)
 
 
 def main(argv=None) -> None:
@@ -393,6 +523,12 @@ def main(argv=None) -> None:
     s.add_argument("--stages", default="pretrain,generate,fit,predict")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, nargs="+",
+                   help="run every variant at each of these seeds (instead of --seed) and "
+                        "write the spread over them (spread.tsv, spread.png)")
+    s.add_argument("--pretrained", action="store_true",
+                   help="without a pretrain stage, fine-tune from the pipeline run's "
+                        "<results>/<dataset>/models/<model>/pretrain.pt")
     s.add_argument("--out", default="benchmarks/out/budget")
     g = sub.add_parser("genes")
     g.add_argument("--configfile", default="config/config.yaml")
