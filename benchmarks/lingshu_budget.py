@@ -30,7 +30,8 @@ pre-training, unconditional generation). It prints, and writes to ``--out/budget
   beside the per-gene marginal floor (the diagnostics of every training run);
 - generation fidelity of as many unconditional cells as the split has reference cells: MMD,
   cell-type proportion TVD, Pearson of gene means;
-- prediction on the held-out conditions: Pearson-delta, DES, MAE (cell-eval, as the pipeline);
+- prediction on the held-out conditions: Pearson-delta, DES, MAE (cell-eval, as the pipeline)
+  and the paper's average score against the pipeline run's ``control_mean``;
 - the CPU-seconds of each stage;
 
 and beside them the pipeline run's own rows for scLDM, STATE and the mean baselines
@@ -80,9 +81,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # the pipeline run's rows beside a study's: the rivals at matched CPU-seconds, and the two
 # baselines that the VCC scores are scaled against (MAE: control_mean, DES: perturbation_mean)
 RIVALS = ("scldm", "state", "control_mean", "perturbation_mean")
+CONTROL_RUN = "control_mean"  # the reference of the paper's average score
 QUALITY = [("mmd", "MMD", False), ("celltype_tvd", "cell-type TVD", False),
            ("pearson_mean", "gene-mean Pearson", True), ("pearson_delta", "Pearson-delta", True),
-           ("des", "DES", True), ("mae", "MAE", False)]
+           ("des", "DES", True), ("mae", "MAE", False),
+           ("average_score", "average score (vs control_mean)", True)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,13 +144,25 @@ def bits(path: Path) -> dict[str, float]:
     return out
 
 
-def prediction_metrics(eval_dir: Path) -> dict[str, float]:
-    from lingshu.evaluate.perturbation import PAPER_METRICS
+def _metrics(summary: Path) -> dict[str, float]:
+    metrics = json.loads(summary.read_text())["metrics"]
+    return {k: float("nan") if v is None else float(v) for k, v in metrics.items()}
 
-    metrics = json.loads((eval_dir / "summary.json").read_text())["metrics"]
+
+def prediction_metrics(eval_dir: Path, control: Path | None = None) -> dict[str, float]:
+    """Pearson-delta, DES and MAE of an evaluation folder, and with ``control`` (the pipeline
+    run's ``eval/control_mean`` folder) the paper's average score against it, as the report
+    computes it."""
+    from lingshu.evaluate.perturbation import PAPER_METRICS, average_score
+
+    metrics = _metrics(eval_dir / "summary.json")
     names = {"pearson_delta": "Pearson-delta", "des": "DES", "mae": "MAE"}
-    return {k: float(metrics[PAPER_METRICS[v]]) for k, v in names.items()
-            if metrics.get(PAPER_METRICS[v]) is not None}
+    out = {k: metrics[PAPER_METRICS[v]] for k, v in names.items()
+           if np.isfinite(metrics.get(PAPER_METRICS[v], np.nan))}
+    if control is not None and (control / "summary.json").exists():
+        out["average_score"] = average_score(
+            metrics, _metrics(control / "summary.json"))["average_score"]
+    return out
 
 
 def study(args) -> None:
@@ -233,7 +248,7 @@ def study(args) -> None:
                     "evaluate", "--truth", str(res / "truth.h5ad"), "--pred",
                     str(work / "prediction.h5ad"), "--outdir", str(work / "eval"),
                     "--threads", "1", *seed], work / "evaluate.log")
-                row.update(prediction_metrics(work / "eval"))
+                row.update(prediction_metrics(work / "eval", res / "eval" / CONTROL_RUN))
             row["cpu_total"] = sum(row.get(f"cpu_{s}", 0.0) for s in
                                    ("pretrain", "fit", "generate", "predict"))
             rows.append(row)
@@ -251,7 +266,7 @@ def study(args) -> None:
         write_spread(table, out)
 
 
-PREDICTION = [q for q in QUALITY if q[0] in ("pearson_delta", "des", "mae")]
+PREDICTION = [q for q in QUALITY if q[0] in ("pearson_delta", "des", "mae", "average_score")]
 
 
 def spread(table: pd.DataFrame) -> pd.DataFrame:
@@ -368,7 +383,7 @@ def rivals(res: Path, ds: str) -> list[dict]:
         if not (res / "eval" / model / "summary.json").exists():
             continue
         row = {"dataset": ds, "model": model, "variant": f"[{model}]",
-               **prediction_metrics(res / "eval" / model),
+               **prediction_metrics(res / "eval" / model, res / "eval" / CONTROL_RUN),
                "cpu_total": _cpu_of(res, [f"pretrain_{model}", f"fit_{model}",
                                           f"predict_{model}", f"generate_{model}"])}
         if gen_table is not None and model in gen_table.index:

@@ -90,3 +90,23 @@ def test_merge_keeps_every_seed(budget, tmp_path):
     assert len(merged[merged["variant"].str.startswith("[")]) == 3  # the pipeline rows once
     spread = pd.read_csv(tmp_path / "m" / "spread.tsv", sep="\t")
     assert set(spread["variant"]) == {"default", "other"}
+
+
+def test_prediction_metrics_score_against_the_runs_control_mean(budget, tmp_path):
+    import json
+
+    from lingshu.evaluate.perturbation import PAPER_METRICS, average_score
+
+    control = {m: 0.2 for m in PAPER_METRICS.values()} | {"mae": 0.1, "overlap_at_N": None}
+    model = {m: 0.5 for m in PAPER_METRICS.values()} | {"mae": 0.08}
+    for name, metrics in (("control_mean", control), ("model", model)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    out = budget.prediction_metrics(tmp_path / "model", tmp_path / "control_mean")
+    assert out["mae"] == 0.08 and out["pearson_delta"] == 0.5
+    expected = average_score(model, {k: float("nan") if v is None else v
+                                     for k, v in control.items()})["average_score"]
+    assert out["average_score"] == pytest.approx(expected) and out["average_score"] > 0
+    same = budget.prediction_metrics(tmp_path / "control_mean", tmp_path / "control_mean")
+    assert same["average_score"] == 0.0 and "des" not in same  # a null metric is left out
+    assert "average_score" not in budget.prediction_metrics(tmp_path / "model", tmp_path / "x")
