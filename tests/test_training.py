@@ -348,7 +348,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     out.mkdir()
     script = tmp_path / "ddp_script.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out))))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+    # torchrun's torchelastic_* folder goes to the test's temporary folder, not /tmp
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
