@@ -42,12 +42,12 @@ a study that does not pre-train fine-tunes from the pipeline run's pre-trained c
 (``<results>/<dataset>/models/<model>/pretrain.pt``).
 
 ``--seeds`` runs every variant once per seed (each in ``<variant>/seed<k>``; the seed drives
-the training, the sampling and the evaluation, not the pipeline run's pre-training). The
+every stage run, so with ``--pretrained`` each seed fine-tunes the same pre-trained model). The
 spread over seeds goes to ``--out/spread.tsv`` (per dataset, variant and metric: seeds, mean,
 standard deviation, range, and at how many seeds the variant does better than each of the
-pipeline run's rows) and ``--out/spread.png`` (each seed's Pearson-delta, DES and MAE beside the
-pipeline run's rows), since one seed's figures on a small dataset can sit on either side of a
-baseline's (:func:`spread`).
+pipeline run's rows) and ``--out/spread.png`` (each seed's Pearson-delta, DES, MAE and average
+score beside the pipeline run's rows), since one seed's figures on a small dataset can sit on
+either side of a baseline's (:func:`spread`).
 
 ``genes`` times one training step (64 cells), 3-step guided sampling (256 cells) and one
 unconditional unmasking step (256 cells; the mean over an 8-step run: each step is one
