@@ -404,12 +404,27 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         first = (str(err).strip().splitlines() or [""])[0]
         _final_error(f"lingshu {args.command} failed: {type(err).__name__}: {first} (the "
-                     f"traceback above says where)")
+                     f"traceback above says where){machine_hint(err)}")
         return 1
     wall = time.perf_counter() - start
     log.info("%s done in %.1f s", args.command, wall)
     print(usage_line(args.command, wall), file=sys.stderr, flush=True)  # see lingshu.usage
     return 0
+
+
+# What torch.save (its zip writer) and file writes raise on a short write, which a full disk
+# causes; torch's own text does not say so.
+_SHORT_WRITE = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def machine_hint(err: BaseException) -> str:
+    """A hint for a failure of the machine that the exception's text does not name (empty if
+    none): today a full disk."""
+    errno = getattr(err, "errno", None)
+    if errno == 28 or any(s in str(err) for s in _SHORT_WRITE):  # 28: ENOSPC
+        return ("; the disk holding the outputs is probably full (a file was written short): "
+                "free space there and run the same command again")
+    return ""
 
 
 def _final_error(message: str) -> None:

@@ -18,3 +18,26 @@ def test_every_lingshu_command_ends_its_log_with_its_cpu_time(tmp_path, capsys):
     log = tmp_path / "job.log"
     log.write_text(err)
     assert read_cpu_seconds(log) == usage["cpu_s"]
+
+
+def test_a_short_write_is_named_as_a_full_disk(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lingshu import cli
+
+    assert "disk" in cli.machine_hint(RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 4860800 vs 4860688"))
+    assert "disk" in cli.machine_hint(OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.machine_hint(ValueError("shape mismatch")) == ""
+
+    def full(args):  # what torch.save raised when the disk filled during a pre-training
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48 vs 0")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["simulate"].set_defaults(func=full)
+    assert cli.main(["simulate", "--params", "{}", "--seed", "0",
+                     "--out", str(tmp_path / "x.h5ad")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ERROR: lingshu simulate failed: RuntimeError:")
+    assert "the disk holding the outputs is probably full" in last
