@@ -144,24 +144,19 @@ def bits(path: Path) -> dict[str, float]:
     return out
 
 
-def _metrics(summary: Path) -> dict[str, float]:
-    metrics = json.loads(summary.read_text())["metrics"]
-    return {k: float("nan") if v is None else float(v) for k, v in metrics.items()}
-
-
 def prediction_metrics(eval_dir: Path, control: Path | None = None) -> dict[str, float]:
     """Pearson-delta, DES and MAE of an evaluation folder, and with ``control`` (the pipeline
     run's ``eval/control_mean`` folder) the paper's average score against it, as the report
     computes it."""
-    from lingshu.evaluate.perturbation import PAPER_METRICS, average_score
+    from lingshu.evaluate.perturbation import PAPER_METRICS, average_score, read_summary
 
-    metrics = _metrics(eval_dir / "summary.json")
+    metrics = read_summary(eval_dir)["metrics"]
     names = {"pearson_delta": "Pearson-delta", "des": "DES", "mae": "MAE"}
     out = {k: metrics[PAPER_METRICS[v]] for k, v in names.items()
            if np.isfinite(metrics.get(PAPER_METRICS[v], np.nan))}
     if control is not None and (control / "summary.json").exists():
         out["average_score"] = average_score(
-            metrics, _metrics(control / "summary.json"))["average_score"]
+            metrics, read_summary(control)["metrics"])["average_score"]
     return out
 
 

@@ -9,6 +9,7 @@ folder (``--split``), so a stage never re-reads or re-interprets the config file
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -420,8 +421,7 @@ _SHORT_WRITE = ("unexpected pos", "file write failed", "No space left on device"
 def machine_hint(err: BaseException) -> str:
     """A hint for a failure of the machine that the exception's text does not name (empty if
     none): today a full disk."""
-    errno = getattr(err, "errno", None)
-    if errno == 28 or any(s in str(err) for s in _SHORT_WRITE):  # 28: ENOSPC
+    if getattr(err, "errno", None) == errno.ENOSPC or any(s in str(err) for s in _SHORT_WRITE):
         return ("; the disk holding the outputs is probably full (a file was written short): "
                 "free space there and run the same command again")
     return ""

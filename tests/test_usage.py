@@ -33,9 +33,7 @@ def test_a_short_write_is_named_as_a_full_disk(tmp_path, capsys, monkeypatch):
     def full(args):  # what torch.save raised when the disk filled during a pre-training
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48 vs 0")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["simulate"].set_defaults(func=full)
+    monkeypatch.setattr(cli, "cmd_simulate", full)  # the parser takes it when main builds it
     assert cli.main(["simulate", "--params", "{}", "--seed", "0",
                      "--out", str(tmp_path / "x.h5ad")]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
