@@ -6,7 +6,6 @@ Input everywhere is ``per_condition``: model name -> the per-condition table wri
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lingshu.evaluate.perturbation import (
     average_score,
     bootstrap_ci,
     ceiling_summary,
+    read_summary,
     summarize,
     vcc_score,
 )
@@ -41,10 +41,8 @@ def load_ceiling(ceiling_dir: str | None) -> dict[str, float] | None:
     if ceiling_dir is None:
         return None
     folder = Path(ceiling_dir)
-    summary_path = folder / "summary.json"
-    if summary_path.exists():
-        metrics = json.loads(summary_path.read_text())["metrics"]
-        return {k: (np.nan if v is None else float(v)) for k, v in metrics.items()}
+    if (folder / "summary.json").exists():
+        return read_summary(folder)["metrics"]
     return ceiling_summary(read_table(folder / "ceiling_agg.tsv"), read_table(folder / "per_condition.tsv"))
 
 
