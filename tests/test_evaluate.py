@@ -401,7 +401,8 @@ def test_conditions_a_model_could_not_encode_are_left_out_of_its_scores(truth, t
     # without the list the missing condition is an error, as before
     del pred.uns["lingshu"]["not_encoded"]
     pred.write_h5ad(pred_path)
-    with pytest.raises(InputError, match="missing"):
+    with pytest.raises(InputError, match="missing") as err:
         evaluate_to_dir(str(truth_path), str(pred_path), str(tmp_path / "out2"), threads=1)
+    assert "pred.h5ad" in str(err.value)  # read once by evaluate_to_dir, still named by its file
     with pytest.raises(ValueError, match="does not hold"):
         without_conditions(truth, [{"context": ctx, "perturbation": "nope", "reason": ""}])

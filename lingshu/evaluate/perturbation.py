@@ -64,10 +64,11 @@ FORMAT_CHECK_ROWS = 2000
 # --------------------------------------------------------------------------------------------
 
 
-def _read(data: ad.AnnData | str, what: str) -> tuple[ad.AnnData, str]:
-    """Return ``(adata, label)``; the label names the file in error messages."""
+def _read(data: ad.AnnData | str, what: str, label: str | None = None) -> tuple[ad.AnnData, str]:
+    """Return ``(adata, label)``; the label names the file in error messages (an AnnData
+    read elsewhere keeps the ``label`` its reader gives, else ``<what AnnData>``)."""
     if isinstance(data, ad.AnnData):
-        return data, f"<{what} AnnData>"
+        return data, label or f"<{what} AnnData>"
     path = Path(data)
     if not path.exists():
         raise input_error(path, "file", "does not exist", f"run the stage that writes the {what}")
@@ -284,6 +285,7 @@ def evaluate_predictions(
     ceiling: bool = False,
     seed: int = 0,
     progress: bool = True,
+    labels: tuple[str | None, str | None] = (None, None),
 ) -> pd.DataFrame:
     """Score a prediction against the truth with cell-eval, one context at a time.
 
@@ -298,12 +300,14 @@ def evaluate_predictions(
         ceiling: estimate the data ceiling from the truth alone (split-half) instead.
         seed: seed of the ceiling's split.
         progress: show a progress bar over contexts.
+        labels: the files ``truth`` and ``pred`` were read from, when given as AnnData, for
+            error messages.
 
     Returns:
         One row per (context, perturbation): ``context``, ``perturbation``, then every metric
         cell-eval produced. With ``ceiling`` these are the raw half-depth self-split scores.
     """
-    truth, truth_label = _read(truth, "truth")
+    truth, truth_label = _read(truth, "truth", labels[0])
     if ceiling:
         _check_obs(truth, truth_label)
         _check_log1p(truth, truth_label)
@@ -313,7 +317,7 @@ def evaluate_predictions(
     else:
         if pred is None:
             raise ValueError("evaluate_predictions: pred is required unless ceiling=True")
-        pred, pred_label = _read(pred, "prediction")
+        pred, pred_label = _read(pred, "prediction", labels[1])
         truth = without_conditions(truth, not_encoded(pred))
         validate_inputs(truth, pred, truth_label, pred_label)
 
@@ -586,21 +590,22 @@ def evaluate_to_dir(
     half-depth means, with MAE the perfect sampler's (:func:`sampler_mae_floor`).
     """
     start = time.perf_counter()
-    per_condition = evaluate_predictions(truth_path, pred_path, outdir, threads=threads,
-                                         ceiling=ceiling, seed=seed)
+    truth, truth_label = _read(truth_path, "truth")  # each file read once
+    pred, pred_label = (None, None) if ceiling or pred_path is None else _read(pred_path, "prediction")
+    per_condition = evaluate_predictions(truth, pred, outdir, threads=threads, ceiling=ceiling,
+                                         seed=seed, labels=(truth_label, pred_label))
     if ceiling:
         agg = pd.read_csv(Path(outdir) / "ceiling_agg.tsv", sep="\t")
         metrics = ceiling_summary(agg, per_condition)
-        metrics["mae"] = sampler_mae_floor(ad.read_h5ad(truth_path))
+        metrics["mae"] = sampler_mae_floor(truth)
         record: dict[str, object] = {"run": "data ceiling", "sampling": {}}
     else:
         from lingshu.evaluate.fidelity import condition_fidelity
 
         metrics = summarize(per_condition)
         record = _run_record(pred_path)
-        pred = ad.read_h5ad(pred_path)
         record["not_encoded"] = not_encoded(pred)
-        distribution = condition_fidelity(ad.read_h5ad(truth_path), pred, seed=seed)
+        distribution = condition_fidelity(truth, pred, seed=seed)
         write_table(distribution, Path(outdir) / DISTRIBUTION)
     summary = {
         "model": record["run"],
