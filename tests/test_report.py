@@ -105,6 +105,24 @@ def test_markdown_bolds_best_and_handles_missing_baselines(evaluated):
     assert markdown.count("\n") == 3 and "**" in markdown
 
 
+def test_ties_for_best_are_all_bold_and_a_column_where_all_tie_has_none(evaluated):
+    from lingshu.report.tables import best_models
+
+    per_condition = read_table(f"{evaluated['eval_dirs']['perfect']}/per_condition.tsv")
+    table = paper_table({"a": per_condition, "b": per_condition.copy()}, None, n_boot=0)
+    assert best_models(table) == {}  # identical models: nobody is best anywhere
+    assert "**" not in to_markdown(table)
+    worse = per_condition.copy()
+    worse["mae"] = worse["mae"] + 0.1
+    table = paper_table({"a": per_condition, "b": per_condition.copy(), "c": worse}, None,
+                        n_boot=0)
+    best = best_models(table)
+    assert best["MAE"] == {"a", "b"}  # a tie for the best: both bold
+    assert "DES" not in best  # the same DES for all three: none
+    lines = to_markdown(table).splitlines()
+    assert lines[4].startswith("| c |") and "**" not in lines[4]
+
+
 def test_benchmark_table_names_jobs(tmp_path):
     for rule in ("split", "train"):
         (tmp_path / "bench" / rule).mkdir(parents=True)

@@ -69,7 +69,8 @@ def _embed(png: Path) -> str:
 
 
 def paper_table_html(table: pd.DataFrame) -> str:
-    """The paper table as HTML, the best model per column in bold, the ceiling row in italics."""
+    """The paper table as HTML, the best model(s) per column in bold, the ceiling row in
+    italics."""
     shown = display_table(table)
     best = best_models(table)
     header = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
@@ -78,7 +79,7 @@ def paper_table_html(table: pd.DataFrame) -> str:
         cells = []
         for column in shown.columns:
             text = html.escape(str(row[column]))
-            if column != "model" and best.get(column) == row["model"]:
+            if column != "model" and row["model"] in best.get(column, ()):
                 text = f"<b>{text}</b>"
             cells.append(f"<td>{text}</td>")
         css = ' class="ceiling"' if row["model"] == CEILING_ROW else ""

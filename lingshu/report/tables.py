@@ -114,18 +114,22 @@ def full_metrics_table(
     return pd.DataFrame(rows)
 
 
-def best_models(table: pd.DataFrame) -> dict[str, str]:
-    """Column -> the model with the best value (ceiling excluded), for bold face."""
+def best_models(table: pd.DataFrame) -> dict[str, set[str]]:
+    """Column -> the models with the best value (all of those tied at it; ceiling excluded),
+    for bold face. A column where every model (of two or more) has the same value has no best
+    model (e.g. DES 0 for all on data where no gene is DE): no bold there, rather than the
+    first row's."""
     models = table[table["model"] != CEILING_ROW].set_index("model")
+    columns = [(label, column in LOWER_IS_BETTER) for label, column in PAPER_METRICS.items()]
+    columns += [(AVERAGE_RANK, True), (AVERAGE_SCORE, False), (VCC_SCORE, False)]
     best = {}
-    for label, column in PAPER_METRICS.items():
-        values = models[label].dropna()
-        if len(values):
-            best[label] = values.idxmin() if column in LOWER_IS_BETTER else values.idxmax()
-    for column, lower in ((AVERAGE_RANK, True), (AVERAGE_SCORE, False), (VCC_SCORE, False)):
+    for column, lower in columns:
         values = models[column].dropna()
-        if len(values):
-            best[column] = values.idxmin() if lower else values.idxmax()
+        if not len(values):
+            continue
+        tied = set(values.index[values == (values.min() if lower else values.max())])
+        if len(tied) < len(values) or len(values) == 1:
+            best[column] = tied
     return best
 
 
@@ -157,8 +161,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     """The paper table as a Markdown pipe table (value [95% CI] (rank); best in bold)."""
     shown = display_table(table)
     best = best_models(table)
-    for column, model in best.items():
-        at = shown["model"] == model
+    for column, models in best.items():
+        at = shown["model"].isin(models)
         shown.loc[at, column] = "**" + shown.loc[at, column] + "**"
     lines = [
         "| " + " | ".join(shown.columns) + " |",
