@@ -15,7 +15,7 @@ def _default():
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "shared_data.yaml", "paper/vcc_h1.yaml",
+@pytest.mark.parametrize("name", ["config.yaml", "shared_data.yaml", "perturbench.yaml", "paper/vcc_h1.yaml",
                                   "paper/pbmc_cytokines.yaml"])
 def test_shipped_configs_validate_and_fill_defaults(name):
     cfg = yaml.safe_load((ROOT / "config" / name).read_text())

@@ -22,7 +22,7 @@ def test_lint_is_clean():
     assert "good condition" in run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("configfile", [None, "config/shared_data.yaml",
+@pytest.mark.parametrize("configfile", [None, "config/shared_data.yaml", "config/perturbench.yaml",
                                         "config/paper/vcc_h1.yaml",
                                         "config/paper/pbmc_cytokines.yaml",
                                         "config/paper/kang_gpu.yaml"])
