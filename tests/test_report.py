@@ -105,6 +105,29 @@ def test_markdown_bolds_best_and_handles_missing_baselines(evaluated):
     assert markdown.count("\n") == 3 and "**" in markdown
 
 
+def test_metrics_that_cannot_separate_the_models_are_named_with_the_reason(evaluated):
+    from lingshu.report.html import _silent_html
+    from lingshu.report.tables import silent_metrics
+
+    per_condition = read_table(f"{evaluated['eval_dirs']['perfect']}/per_condition.tsv")
+    worse = per_condition.copy()
+    worse["mae"] = worse["mae"] + 0.1
+    frames = {"a": per_condition, "b": worse}
+    assert "MAE" not in silent_metrics(paper_table(frames, None, n_boot=0), frames)
+    # no real DE gene anywhere: the DE metrics tie (0 or undefined) and say why
+    none_de = {m: f.assign(de_nsig_counts_real=0, overlap_at_N=0.0) for m, f in frames.items()}
+    silent = silent_metrics(paper_table(none_de, None, n_boot=0), none_de)
+    assert "no gene is DE" in silent["DES"] and "MAE" not in silent
+    # one held-out condition per context: PDS is 1 for every model
+    one = {m: f.groupby("context", as_index=False).head(1).assign(discrimination_score_l1=1.0)
+           for m, f in frames.items()}
+    silent = silent_metrics(paper_table(one, None, n_boot=0), one)
+    assert "one held-out condition" in silent["PDS"]
+    html = _silent_html({"DES": "why 1", "AUPRC": "why 1", "PDS": "why 2"})
+    assert "<b>DES, AUPRC</b>: why 1" in html and "<b>PDS</b>: why 2" in html
+    assert _silent_html({}) == ""
+
+
 def test_ties_for_best_are_all_bold_and_a_column_where_all_tie_has_none(evaluated):
     from lingshu.report.tables import best_models
 

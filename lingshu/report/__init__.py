@@ -23,6 +23,7 @@ from lingshu.report.tables import (
     load_ceiling,
     load_per_condition,
     paper_table,
+    silent_metrics,
     to_markdown,
 )
 
@@ -153,6 +154,7 @@ def build_report(
                          not_encoded=not_encoded, n_cells_no_counts=n_no_counts,
                          external=external, screening=screening,
                          candidate_screen=candidate_screen,
+                         silent=silent_metrics(table, per_condition),
                          diagnostics=(final_diagnostics(diagnostics), diagnostics_png)
                          if diagnostics_png else None)
     _write_text(page, out / "report.html")

@@ -221,6 +221,19 @@ def _diagnostics_html(diagnostics: tuple[pd.DataFrame, Path] | None) -> str:
     )
 
 
+def _silent_html(silent: dict[str, str] | None) -> str:
+    """The metrics that do not separate the models on this dataset, and why."""
+    if not silent:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for label, why in silent.items():
+        by_reason.setdefault(why, []).append(label)
+    items = "; ".join(f"<b>{html.escape(', '.join(labels))}</b>: {html.escape(why)}"
+                      for why, labels in by_reason.items())
+    return (f"<p>Metrics that do not separate the models here (they still count in the "
+            f"average rank, as a tie): {items}.</p>")
+
+
 def _not_encoded_html(not_encoded: dict[str, list[dict]] | None) -> str:
     rows = [{"model": run, **c} for run, conditions in (not_encoded or {}).items()
             for c in conditions]
@@ -253,6 +266,7 @@ def render_report(
     external: dict[str, dict] | None = None,
     screening: dict | None = None,
     candidate_screen: pd.DataFrame | None = None,
+    silent: dict[str, str] | None = None,
 ) -> str:
     """The whole page as a string.
 
@@ -283,6 +297,8 @@ def render_report(
             "Screening" section), or None.
         candidate_screen: every run's candidate screen
             (:func:`lingshu.report.candidates.draw_candidate_screen`), or None without one.
+        silent: paper metric -> why it does not separate the models here
+            (:func:`lingshu.report.tables.silent_metrics`), said under the table.
     """
     models = [m for m in table["model"] if m != CEILING_ROW]
     title = f"lingshu-bench: {dataset}"
@@ -303,6 +319,7 @@ def render_report(
         "<h2>Results (layout of the paper's Table 2)</h2>",
         paper_table_html(table),
         f"<p>Best model per column in bold; {html.escape(AVERAGE_RANK)} lower is better.</p>",
+        _silent_html(silent),
         scores_note,
         _not_encoded_html(not_encoded),
         _ceiling_sentence(table),

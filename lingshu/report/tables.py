@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lingshu.constants import CONTEXT_COL
 from lingshu.evaluate.perturbation import (
     LOWER_IS_BETTER,
+    NSIG_REAL,
     PAPER_METRICS,
     average_score,
     bootstrap_ci,
@@ -131,6 +133,40 @@ def best_models(table: pd.DataFrame) -> dict[str, set[str]]:
         if len(tied) < len(values) or len(values) == 1:
             best[column] = tied
     return best
+
+
+# Paper metrics that score the predicted DE genes against the real ones.
+_DE_METRICS = ("DES", "Spearman #DEG", "Spearman LFC", "AUPRC")
+
+
+def silent_metrics(table: pd.DataFrame, per_condition: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Paper metric -> why it does not separate the models on this dataset: those where two or
+    more models are scored and every one has the same value (or none has one), with the
+    reason where the data show it (no real DE gene; one held-out condition per context)."""
+    models = table[table["model"] != CEILING_ROW]
+    if len(models) < 2:
+        return {}
+    frames = [f for f in per_condition.values() if len(f)]
+    truth_de = (max((float(f[NSIG_REAL].max()) for f in frames if NSIG_REAL in f), default=np.nan))
+    one_each = bool(frames) and all(f.groupby(CONTEXT_COL).size().max() == 1 for f in frames
+                                    if CONTEXT_COL in f)
+    silent = {}
+    for label in PAPER_METRICS:
+        values = models[label]
+        if values.notna().any() and not (values.nunique(dropna=False) == 1):
+            continue
+        if label in _DE_METRICS and truth_de == 0:
+            why = ("no gene is DE in the real cells of any held-out condition (cell-eval's "
+                   "test), so there is nothing to find")
+        elif label == "PDS" and one_each:
+            why = ("each context holds one held-out condition, and PDS ranks a prediction "
+                   "among its context's conditions, so every model scores 1")
+        elif values.isna().all():
+            why = "undefined for every model"
+        else:
+            why = "every model scores the same"
+        silent[label] = why
+    return silent
 
 
 def format_number(value: float, digits: int = 3) -> str:
