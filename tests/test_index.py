@@ -67,3 +67,14 @@ def test_the_index_page_links_reports_and_shows_every_run(tmp_path):
     assert "lingshu (2.00) lost to linear (1.00)" in page
     assert page.count("<table") == 3  # the leaderboard and one table per dataset
     assert "low" not in page.split("<h2>Metric values")[1]  # intervals stay in the reports
+
+
+def test_the_index_bolds_as_the_report_does(tmp_path):
+    # every metric ties (0.5) except MAE, where lingshu is better: bold there only
+    table = _table({"linear": 1.0, "lingshu": 2.0})
+    table.loc[table["model"] == "lingshu", "MAE"] = 0.1
+    _write(tmp_path, "d", table)
+    out = tmp_path / "index.html"
+    build_index(str(tmp_path), ["d"], str(out))
+    cells = out.read_text().split("<h2>Metric values")[1]
+    assert cells.count("class='best'") == 1 and "class='best'>0.100" in cells

@@ -24,6 +24,7 @@ from lingshu.report.tables import (
     AVERAGE_SCORE,
     CEILING_ROW,
     VCC_SCORE,
+    best_models,
     format_number,
 )
 
@@ -136,6 +137,7 @@ def _dataset_html(name: str, table: pd.DataFrame, link: str, baselines: set[str]
     parts = [f"<h3><a href='{html.escape(link)}'>{html.escape(name)}</a></h3>",
              f"<table><tr><th class='model'>model</th>{head}<th>{AVERAGE_RANK}</th>"
              f"<th>{AVERAGE_SCORE}</th><th>{VCC_SCORE}</th></tr>"]
+    best_of = best_models(table.reset_index())  # the report's rule: ties all bold, none if all tie
     order = table.drop(index=CEILING_ROW, errors="ignore").sort_values(AVERAGE_RANK,
                                                                         kind="stable")
     if CEILING_ROW in table.index:
@@ -150,7 +152,7 @@ def _dataset_html(name: str, table: pd.DataFrame, link: str, baselines: set[str]
         cells = [f"<td class='model'>{html.escape(str(run))}</td>"]
         for label in labels:
             rank = row.get(f"{label} rank", float("nan"))
-            best = " class='best'" if rank == 1 else ""
+            best = " class='best'" if run in best_of.get(label, ()) else ""
             suffix = f" ({int(rank)})" if isinstance(rank, float) and math.isfinite(rank) else ""
             cells.append(f"<td{best}>{format_number(row[label])}{suffix}</td>")
         cells += [f"<td>{format_number(row.get(AVERAGE_RANK, float('nan')), 2)}</td>",
