@@ -334,8 +334,9 @@ def condition_effects(cells: ad.AnnData, truth: ad.AnnData, basis: PcaBasis | No
 def ceiling_effects(truth: ad.AnnData, basis: PcaBasis | None, seed: int = 0) -> pd.DataFrame:
     """The data ceiling's effects: per held-out condition, half A of its real cells against
     half A of the context's controls (``predicted_*``, as a run's) and half B against half B
-    (``measured_*``, the L2 shift corrected as the truth's); the halves drawn with ``seed`` (controls per context, cells per
-    condition). Conditions with fewer than 2 cells have no halves and are left out."""
+    (``measured_*``, the L2 shift corrected as the truth's); the halves drawn with ``seed``
+    (controls per context, cells per condition). Conditions with fewer than 2 cells have no
+    halves and are left out."""
     rows = _rows_by_condition(truth)
     halves = {}
     for (ctx, pert), idx in rows.items():
